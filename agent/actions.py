@@ -1,0 +1,55 @@
+# Actions the agent core returns for the driver to carry out, in order.
+
+
+class Action:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % (n, getattr(self, n)) for n in self.__slots__))
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+
+class Append(Action):
+    """Append bytes to a named file on board storage (a power cut may tear it)."""
+    __slots__ = ("name", "data")
+
+    def __init__(self, name, data):
+        self.name = name
+        self.data = data
+
+
+class WriteAtomic(Action):
+    """Replace a named file on board storage, all or nothing."""
+    __slots__ = ("name", "data")
+
+    def __init__(self, name, data):
+        self.name = name
+        self.data = data
+
+
+class Connect(Action):
+    """Open the transport (TLS + MQTT CONNECT); answer with Connected or ConnectionLost."""
+    __slots__ = ()
+
+
+class Publish(Action):
+    """Publish at QoS 1; answer with PubAcked(token) when the PUBACK arrives."""
+    __slots__ = ("topic", "payload", "token")
+
+    def __init__(self, topic, payload, token):
+        self.topic = topic
+        self.payload = payload
+        self.token = token
+
+
+class Log(Action):
+    """Something worth telling a person; code is machine-readable."""
+    __slots__ = ("code", "detail")
+
+    def __init__(self, code, detail):
+        self.code = code
+        self.detail = detail

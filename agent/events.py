@@ -1,0 +1,55 @@
+# Events the driver feeds into the agent core. Small value classes, no I/O.
+
+
+class Event:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % (n, getattr(self, n)) for n in self.__slots__))
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+
+class Tick(Event):
+    """Time has passed; the core may decide it is time to reconnect."""
+    __slots__ = ("now_ms",)
+
+    def __init__(self, now_ms):
+        self.now_ms = now_ms
+
+
+class Sample(Event):
+    """The board read its sensors: make a telemetry record of these readings."""
+    __slots__ = ("now_ms", "readings")
+
+    def __init__(self, now_ms, readings):
+        self.now_ms = now_ms
+        self.readings = readings
+
+
+class Connected(Event):
+    """The transport is up and the broker accepted the session (CONNACK 0)."""
+    __slots__ = ("now_ms",)
+
+    def __init__(self, now_ms):
+        self.now_ms = now_ms
+
+
+class ConnectionLost(Event):
+    """A connect attempt failed or a live connection ended."""
+    __slots__ = ("now_ms", "reason")
+
+    def __init__(self, now_ms, reason):
+        self.now_ms = now_ms
+        self.reason = reason
+
+
+class PubAcked(Event):
+    """The broker acknowledged (PUBACK) the publish carrying this token."""
+    __slots__ = ("token",)
+
+    def __init__(self, token):
+        self.token = token

@@ -1,0 +1,251 @@
+"""The telemetry core on the simulated board: sequencing, store-and-forward,
+declared drops, power cuts at every write, and every state x event."""
+
+import cbor2
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from agent import events, journal, telemetry
+from agent.backoff import Backoff
+from agent.errors import LocalError
+from board.sim import PowerCut, SimRng
+from tests.agent_harness import Device
+
+
+def acked_records(dev):
+    return [cbor2.loads(p) for p in dev.broker.acked]
+
+
+def coverage_holes(records):
+    """Per epoch, the seqs below the highest seen that no record stored or
+    declared: these would be silent gaps in the cloud."""
+    seen = {}
+    for r in records:
+        seen.setdefault(r["e"], set()).add(r["s"])
+        if r["k"] == "drop":
+            seen.setdefault(r["de"], set()).update(range(r["a"], r["b"] + 1))
+    holes = {}
+    for epoch, seqs in seen.items():
+        missing = set(range(max(seqs) + 1)) - seqs
+        if missing:
+            holes[epoch] = sorted(missing)
+    return holes
+
+
+def same_key_same_payload(dev):
+    by_key = {}
+    for p in dev.broker.acked:
+        r = cbor2.loads(p)
+        assert by_key.setdefault((r["e"], r["s"]), p) == p
+
+
+def test_records_are_sequenced_published_and_removed_on_ack():
+    dev = Device()
+    dev.boot()
+    for _ in range(5):
+        dev.step()
+        dev.deliver_acks()
+    recs = acked_records(dev)
+    assert [(r["e"], r["s"]) for r in recs] == [(0, i) for i in range(5)]
+    assert recs[0]["d"] == "dev-1" and recs[0]["k"] == "t" and recs[0]["v"] == 1
+    assert dev.core.queue == []
+    entries, torn = journal.replay(dev.flash.read("queue"))
+    assert entries == [] and not torn
+
+
+def test_payload_is_deterministic_cbor():
+    dev = Device()
+    dev.boot()
+    dev.step(readings={"z": 1, "a": 2.5, "m": -3})
+    dev.deliver_acks()
+    p = dev.broker.acked[0]
+    assert p == cbor2.dumps(cbor2.loads(p), canonical=True)
+
+
+def test_unacked_records_survive_reboot_and_epoch_advances():
+    dev = Device()
+    dev.boot()
+    dev.broker.up = False
+    for _ in range(4):
+        dev.step()
+    dev.boot()  # reboot with 4 records queued in epoch 0
+    assert dev.core.epoch == 1
+    dev.broker.up = True
+    for _ in range(3):
+        dev.step(ms=31000)
+        dev.deliver_acks()
+    keys = [(r["e"], r["s"]) for r in acked_records(dev)]
+    assert keys[:4] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert (1, 0) in keys
+    assert coverage_holes(acked_records(dev)) == {}
+
+
+def test_epoch_never_repeats_even_if_state_file_is_lost():
+    dev = Device()
+    dev.boot()
+    dev.broker.up = False
+    dev.step()
+    dev.flash.remove("state")
+    dev.boot()
+    assert dev.core.epoch == 1  # taken from the queue's newest record
+
+
+def test_full_queue_declares_exactly_what_it_dropped():
+    dev = Device(config=telemetry.Config(capacity=5))
+    dev.boot()
+    dev.broker.up = False
+    for _ in range(20):
+        dev.step()
+    assert len(dev.core.queue) <= 5
+    dev.broker.up = True
+    for _ in range(4):
+        dev.step(ms=31000)
+        dev.deliver_acks()
+    recs = acked_records(dev)
+    drops = [r for r in recs if r["k"] == "drop"]
+    assert drops, "a full queue must declare its drops"
+    declared = sum(r["n"] for r in drops)
+    assert declared == dev.core.dropped
+    for r in drops:
+        assert r["n"] == r["b"] - r["a"] + 1
+    assert coverage_holes(recs) == {}
+
+
+def test_records_in_flight_are_republished_after_connection_loss():
+    dev = Device()
+    dev.boot()
+    dev.step()
+    dev.step()
+    dev.drop_connection()           # both publishes lost with the connection
+    dev.step(ms=31000)
+    dev.deliver_acks()
+    keys = sorted((r["e"], r["s"]) for r in acked_records(dev))
+    assert keys == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_backoff_is_bounded_and_jittered():
+    b = Backoff(SimRng(3), base_ms=100, cap_ms=5000)
+    delays = [b.next_delay_ms() for _ in range(40)]
+    assert all(50 <= d <= 5000 for d in delays)
+    assert max(delays[-10:]) <= 5000 and min(delays[-10:]) >= 2500
+    assert len(set(delays[-10:])) > 1
+    b.reset()
+    assert b.next_delay_ms() <= 100
+
+
+def test_unknown_transition_is_an_error_and_the_machine_stays_broken():
+    dev = Device()
+    dev.boot()
+    with pytest.raises(LocalError) as e:
+        dev.core.handle(events.PubAcked((0, 0)))  # offline: no PUBACK possible
+    assert e.value.code == "bad_transition"
+    with pytest.raises(LocalError):
+        dev.core.handle(events.Tick(0))
+
+
+def test_handle_before_boot_is_refused():
+    core = telemetry.Telemetry("acme", "d", None, SimRng(1))
+    with pytest.raises(LocalError):
+        core.handle(events.Tick(0))
+
+
+def scenario(dev, script):
+    """Run a list of ops; a PowerCut reboots the device and carries on."""
+    for op in script:
+        try:
+            if op == "step":
+                dev.step()
+            elif op == "ack":
+                dev.deliver_acks(limit=2)
+            elif op == "cut_net":
+                dev.broker.up = False
+                dev.drop_connection()
+            elif op == "net_up":
+                dev.broker.up = True
+            elif op == "reboot":
+                dev.boot()
+        except PowerCut:
+            dev.flash.power_on()
+            dev.boot()
+
+
+def drain(dev):
+    dev.broker.up = True
+    dev.flash.cut_at_write = None
+    scenario(dev, ["reboot"])  # a cut that has not happened yet is cancelled
+    for _ in range(30):
+        dev.step(ms=31000)
+        dev.deliver_acks()
+    dev.drop_connection()
+    dev.step(ms=31000)
+    dev.deliver_acks()
+
+
+SCRIPT = (["step", "ack"] * 3 + ["cut_net"] + ["step"] * 8 + ["reboot", "net_up"]
+          + ["step", "ack"] * 3 + ["step", "reboot", "ack", "step", "ack"])
+
+
+def count_writes():
+    dev = Device(config=telemetry.Config(capacity=4))
+    dev.boot()
+    scenario(dev, SCRIPT)
+    return dev.flash.writes
+
+
+def test_power_cut_at_every_write_loses_nothing_silently():
+    total = count_writes()
+    assert total > 30
+    for k in range(1, total + 1):
+        dev = Device(config=telemetry.Config(capacity=4))
+        dev.flash.cut_at_write = k
+        try:
+            dev.boot()
+        except PowerCut:
+            dev.flash.power_on()
+            dev.boot()
+        scenario(dev, SCRIPT)
+        drain(dev)
+        recs = acked_records(dev)
+        assert coverage_holes(recs) == {}, "cut at write %d" % k
+        same_key_same_payload(dev)
+        assert dev.core.queue == [], "cut at write %d" % k
+
+
+OPS = st.sampled_from(["step", "ack", "cut_net", "net_up", "reboot"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(OPS, max_size=60), st.integers(0, 400), st.integers(2, 8))
+def test_any_history_with_a_power_cut_drains_without_silent_gaps(script, cut, capacity):
+    dev = Device(seed=cut, config=telemetry.Config(capacity=capacity, inflight_max=3))
+    dev.flash.cut_at_write = cut or None
+    try:
+        dev.boot()
+    except PowerCut:
+        dev.flash.power_on()
+        dev.boot()
+    scenario(dev, script)
+    drain(dev)
+    assert coverage_holes(acked_records(dev)) == {}
+    same_key_same_payload(dev)
+    assert len(dev.core.queue) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([telemetry.OFFLINE, telemetry.CONNECTING, telemetry.ONLINE]),
+       st.sampled_from(["tick", "sample", "connected", "lost", "acked"]))
+def test_every_state_and_event_is_handled_or_refused(state, kind):
+    dev = Device()
+    dev.boot()
+    dev.core.state = state
+    event = {"tick": events.Tick(10 ** 13), "sample": events.Sample(1, {"a": 1}),
+             "connected": events.Connected(1), "lost": events.ConnectionLost(1, "x"),
+             "acked": events.PubAcked((0, 0))}[kind]
+    if (state, type(event)) in telemetry.TRANSITIONS:
+        actions = dev.core.handle(event)
+        assert isinstance(actions, list)
+        assert dev.core.state in (telemetry.OFFLINE, telemetry.CONNECTING, telemetry.ONLINE)
+    else:
+        with pytest.raises(LocalError):
+            dev.core.handle(event)
+        assert dev.core.state == telemetry.ERROR
