@@ -6,7 +6,7 @@ class TetherError(Exception):
     code = "error"
 
     def __init__(self, message, code=None):
-        Exception.__init__(self, message)
+        super().__init__(message)
         if code is not None:
             self.code = code
         self.message = message
