@@ -72,3 +72,121 @@ class SystemRng:
 
     def randint(self, a, b):
         return self._r.randint(a, b)
+
+
+class LinuxAgent:
+    """Drives the telemetry core on a Linux board: FileStorage, the system
+    clock, and paho-mqtt as the transport. Single-threaded: paho's network
+    loop is stepped by hand (client.loop) so paho never reconnects on its own;
+    the core's backoff decides when to try again."""
+
+    def __init__(self, root, tenant, device, host, port, cafile, certfile, keyfile,
+                 server_name="localhost", config=None, codec=None, clock=None, rng=None):
+        from agent import telemetry
+        if codec is None:
+            from board.codec import CODEC as codec
+        self.storage = FileStorage(root)
+        self.clock = clock or SystemClock()
+        self.core = telemetry.Telemetry(tenant, device, codec, rng or SystemRng(), config)
+        self.identity = "%s/%s" % (tenant, device)
+        self.host, self.port, self.server_name = host, port, server_name
+        self.tls = (cafile, certfile, keyfile)
+        self.client = None
+        self.mids = {}
+        self.inbox = []
+        self.acked = set()
+
+    def boot(self):
+        self.execute(self.core.boot(self.storage.read("state"), self.storage.read("queue")))
+
+    def sample(self, readings):
+        self.feed_event_sample(readings)
+
+    def feed_event_sample(self, readings):
+        from agent import events
+        self.feed(events.Sample(self.clock.now_ms(), readings))
+
+    def feed(self, event):
+        self.execute(self.core.handle(event))
+
+    def step(self, timeout_s=0.05):
+        """Run the network for a moment and hand what happened to the core."""
+        from agent import events
+        self.feed(events.Tick(self.clock.now_ms()))
+        if self.client is not None:
+            rc = self.client.loop(timeout=timeout_s)
+            if rc != 0 and self.client is not None:
+                self._lost("network error %d" % rc)
+        while self.inbox:
+            self.feed(self.inbox.pop(0))
+
+    def execute(self, actions):
+        from agent.actions import Append, Connect, Log, Publish, WriteAtomic
+        for action in actions:
+            if isinstance(action, Publish):
+                info = self.client.publish(action.topic, action.payload, qos=1)
+                self.mids[info.mid] = action.token
+            elif isinstance(action, Append):
+                self.storage.append(action.name, action.data)
+            elif isinstance(action, WriteAtomic):
+                self.storage.write_atomic(action.name, action.data)
+            elif isinstance(action, Connect):
+                self._connect()
+            elif isinstance(action, Log):
+                pass
+
+    def _connect(self):
+        import ssl
+        import paho.mqtt.client as paho
+        from agent import events
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.identity,
+                             clean_session=True)
+        cafile, certfile, keyfile = self.tls
+        ctx = ssl.create_default_context(cafile=cafile)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(certfile, keyfile)
+        client.tls_set_context(ctx)
+        client.tls_insecure_set(False)
+        client.max_inflight_messages_set(self.core.config.inflight_max)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        self.client = client
+        try:
+            if self.server_name != self.host:
+                ctx.check_hostname = False  # verify the name below instead
+            client.connect(self.host, self.port, keepalive=60)
+        except (OSError, ssl.SSLError) as e:
+            self.client = None
+            self.inbox.append(events.ConnectionLost(self.clock.now_ms(), "connect failed: %s" % e))
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        from agent import events
+        if reason_code == 0:
+            self.inbox.append(events.Connected(self.clock.now_ms()))
+        else:
+            self._lost("refused: %s" % reason_code)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        if client is self.client:
+            self._lost("disconnected: %s" % reason_code)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        from agent import events
+        token = self.mids.pop(mid, None)
+        if token is not None and client is self.client:
+            self.acked.add(token)
+            self.inbox.append(events.PubAcked(token))
+
+    def _lost(self, reason):
+        from agent import events, telemetry
+        client, self.client = self.client, None
+        self.mids.clear()
+        if client is not None:
+            try:
+                client.disconnect()
+            except Exception:
+                pass
+        self.inbox = [e for e in self.inbox if not isinstance(e, events.PubAcked)]
+        if self.core.state != telemetry.OFFLINE:
+            self.inbox.append(events.ConnectionLost(self.clock.now_ms(), reason))

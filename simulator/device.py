@@ -1,0 +1,187 @@
+"""One virtual device: the real agent core on a SimFlash, driven by asyncio,
+speaking MQTT over its own mTLS connection. Many of these share one loop."""
+
+import asyncio
+import ssl
+
+from agent import events, mqtt, telemetry
+from agent.actions import Append, Connect, Log, Publish, WriteAtomic
+from agent.errors import MQTTError
+from board.codec import CODEC
+from board.sim import SimFlash, SimRng
+
+KEEPALIVE_S = 60
+CONNECT_TIMEOUT_S = 10
+ACK_TIMEOUT_MS = 15000
+
+
+class Link(asyncio.Protocol):
+    """The byte pipe of one connection; all decisions are the device's."""
+
+    def __init__(self, device):
+        self.device = device
+        self.parser = mqtt.Parser()
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(mqtt.connect(self.device.identity, KEEPALIVE_S, clean_session=True))
+        self.device.fleet.loop.call_later(CONNECT_TIMEOUT_S, self.connack_timeout)
+
+    def connack_timeout(self):
+        if self.device.link is not self and self.device.connecting and not self.transport.is_closing():
+            self.device.note("connack_timeout", "no CONNACK in %d s" % CONNECT_TIMEOUT_S)
+            self.transport.abort()
+
+    def data_received(self, data):
+        try:
+            packets = self.parser.feed(data)
+        except MQTTError as e:
+            self.device.note("bad_packet", str(e))
+            self.transport.abort()
+            return
+        for packet in packets:
+            self.device.on_packet(self, packet)
+
+    def connection_lost(self, exc):
+        self.device.on_link_lost(self, "connection lost" if exc is None else str(exc))
+
+
+class VirtualDevice:
+    def __init__(self, fleet, tenant, device, ssl_context, seed, config=None):
+        self.fleet = fleet
+        self.tenant = tenant
+        self.device = device
+        self.identity = "%s/%s" % (tenant, device)
+        self.ssl_context = ssl_context
+        self.flash = SimFlash()
+        self.rng = SimRng(seed)
+        self.config = config
+        self.core = None
+        self.link = None
+        self.connecting = False
+        self.packet_ids = {}      # MQTT packet id -> token
+        self.sent_ms = {}         # token -> when published (ack timeout)
+        self.next_pid = 1
+        self.generated = {}       # epoch -> seqs made (records incl. drop records)
+        self.acked = set()        # (epoch, seq) the broker acknowledged
+        self.tick_handle = None
+
+    # -- life -----------------------------------------------------------------
+
+    def boot(self):
+        self.core = telemetry.Telemetry(self.tenant, self.device, CODEC, self.rng, self.config)
+        self.execute(self.core.boot(self.flash.read("state"), self.flash.read("queue")))
+        self.schedule_tick()
+
+    def feed(self, event):
+        self.execute(self.core.handle(event))
+        self.generated[self.core.epoch] = self.core.next_seq
+
+    def sample(self, readings):
+        self.check_ack_timeout()
+        self.feed(events.Sample(self.fleet.now_ms(), readings))
+
+    def schedule_tick(self):
+        if self.tick_handle is not None:
+            self.tick_handle.cancel()
+        delay_s = max(0, self.core.connect_at_ms - self.fleet.now_ms()) / 1000
+        self.tick_handle = self.fleet.loop.call_later(delay_s, self.on_tick)
+
+    def on_tick(self):
+        self.tick_handle = None
+        if self.core.state == telemetry.OFFLINE:
+            self.feed(events.Tick(self.fleet.now_ms()))
+
+    # -- actions --------------------------------------------------------------
+
+    def execute(self, actions):
+        for action in actions:
+            if isinstance(action, Publish):
+                self.publish(action)
+            elif isinstance(action, Append):
+                self.flash.append(action.name, action.data)
+            elif isinstance(action, WriteAtomic):
+                self.flash.write_atomic(action.name, action.data)
+            elif isinstance(action, Connect):
+                self.connecting = True
+                self.fleet.loop.create_task(self.open_link())
+            elif isinstance(action, Log):
+                self.note(action.code, action.detail)
+
+    def publish(self, action):
+        pid = self.next_pid
+        self.next_pid = pid % 65535 + 1
+        self.packet_ids[pid] = action.token
+        self.sent_ms[action.token] = self.fleet.now_ms()
+        self.link.transport.write(mqtt.publish(action.topic, action.payload, 1, pid))
+        self.fleet.metrics.published += 1
+
+    async def open_link(self):
+        if not self.fleet.network_up:
+            self.lost("network down")
+            return
+        self.fleet.metrics.connect_attempts += 1
+        try:
+            await asyncio.wait_for(self.fleet.loop.create_connection(
+                lambda: Link(self), self.fleet.host, self.fleet.port,
+                ssl=self.ssl_context, server_hostname=self.fleet.server_name),
+                CONNECT_TIMEOUT_S)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:
+            self.lost("connect failed: %s" % (e.__class__.__name__,))
+
+    # -- the link -------------------------------------------------------------
+
+    def on_packet(self, link, packet):
+        if isinstance(packet, mqtt.PubAck):
+            token = self.packet_ids.pop(packet.packet_id, None)
+            if token is None:
+                return
+            self.sent_ms.pop(token, None)
+            self.acked.add(token)
+            self.fleet.metrics.acked += 1
+            self.feed(events.PubAcked(token))
+        elif isinstance(packet, mqtt.ConnAck):
+            if packet.return_code != 0:
+                self.note("refused", mqtt.connack_reason(packet.return_code))
+                link.transport.abort()
+                return
+            self.link = link
+            self.connecting = False
+            self.fleet.metrics.connects += 1
+            self.feed(events.Connected(self.fleet.now_ms()))
+
+    def on_link_lost(self, link, reason):
+        if link is self.link or (self.link is None and self.connecting):
+            self.lost(reason)
+
+    def lost(self, reason):
+        self.link = None
+        self.connecting = False
+        self.packet_ids.clear()
+        self.sent_ms.clear()
+        if self.core.state in (telemetry.ONLINE, telemetry.CONNECTING):
+            self.feed(events.ConnectionLost(self.fleet.now_ms(), reason))
+            self.schedule_tick()
+
+    def cut(self):
+        """The network under this device fails: the connection dies at once."""
+        if self.link is not None and self.link.transport is not None:
+            self.link.transport.abort()
+
+    def check_ack_timeout(self):
+        if self.link is None or not self.sent_ms:
+            return
+        oldest = min(self.sent_ms.values())
+        if self.fleet.now_ms() - oldest > ACK_TIMEOUT_MS:
+            self.note("ack_timeout", "no PUBACK in %d ms; reconnecting" % ACK_TIMEOUT_MS)
+            self.link.transport.abort()
+
+    def note(self, code, detail):
+        self.fleet.metrics.note(code)
+
+    def idle(self):
+        return not self.core.queue and self.link is not None
+
+    def queued(self):
+        return len(self.core.queue)

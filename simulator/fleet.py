@@ -1,0 +1,157 @@
+"""A fleet of virtual devices on one asyncio loop, with fault injection
+(network cuts, broker restarts), live metrics and a drain at the end."""
+
+import asyncio
+import random
+import ssl
+import time
+
+from agent import telemetry
+from simulator.device import VirtualDevice
+
+
+class Metrics:
+    def __init__(self):
+        self.published = 0
+        self.acked = 0
+        self.connects = 0
+        self.connect_attempts = 0
+        self.notes = {}
+        self.timeline = []   # one row a second: see Fleet.sample_timeline
+
+    def note(self, code):
+        self.notes[code] = self.notes.get(code, 0) + 1
+
+
+class Credential:
+    """Where one device's certificate and key are, and who it is."""
+
+    def __init__(self, tenant, device, certfile, keyfile):
+        self.tenant = tenant
+        self.device = device
+        self.certfile = certfile
+        self.keyfile = keyfile
+
+
+def client_context(cafile, certfile, keyfile):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile)
+    ctx.load_cert_chain(certfile, keyfile)
+    return ctx
+
+
+class Fleet:
+    def __init__(self, credentials, cafile, host, port, seed=1, server_name="localhost",
+                 config=None, sample_interval_s=1.0, progress=None):
+        self.loop = asyncio.get_running_loop()
+        self.host = host
+        self.port = port
+        self.server_name = server_name
+        self.sample_interval_s = sample_interval_s
+        self.metrics = Metrics()
+        self.network_up = True
+        self.progress = progress or (lambda fleet, phase: None)
+        self.rng = random.Random(seed)
+        self.t0 = time.monotonic()
+        self.sampling = False
+        self.devices = []
+        for i, cred in enumerate(credentials):
+            ctx = client_context(cafile, cred.certfile, cred.keyfile)
+            dev_config = config(i) if callable(config) else config
+            self.devices.append(VirtualDevice(self, cred.tenant, cred.device, ctx,
+                                              seed * 1_000_003 + i, dev_config))
+
+    def now_ms(self):
+        return time.time_ns() // 1_000_000
+
+    def elapsed_s(self):
+        return time.monotonic() - self.t0
+
+    # -- phases -----------------------------------------------------------------
+
+    def start(self):
+        self.t0 = time.monotonic()
+        self.sampling = True
+        n = len(self.devices)
+        for i, dev in enumerate(self.devices):
+            dev.boot()
+            offset = self.sample_interval_s * i / max(n, 1)
+            self.loop.call_later(offset, self._sample_loop, dev)
+
+    def _sample_loop(self, dev):
+        if not self.sampling:
+            return
+        r = dev.rng
+        dev.sample({"temp_c": 15 + r.randint(0, 150) / 10, "rssi_dbm": -40 - r.randint(0, 50),
+                    "battery_mv": 3000 + r.randint(0, 1200)})
+        self.loop.call_later(self.sample_interval_s, self._sample_loop, dev)
+
+    def cut_network(self):
+        self.network_up = False
+        for dev in self.devices:
+            dev.cut()
+
+    def restore_network(self):
+        self.network_up = True
+
+    async def run_for(self, seconds, events=()):
+        """Sample for `seconds`, firing (at_s, callable) events on the way."""
+        pending = sorted(events, key=lambda e: e[0])
+        end = self.t0 + seconds
+        while time.monotonic() < end:
+            now = self.elapsed_s()
+            while pending and pending[0][0] <= now:
+                _, fire = pending.pop(0)
+                result = fire()
+                if asyncio.iscoroutine(result):
+                    await result
+            self.sample_timeline()
+            self.progress(self, "run")
+            await asyncio.sleep(min(1.0, max(0.05, end - time.monotonic())))
+
+    async def drain(self, timeout_s=60):
+        """Stop sampling; wait until every queue is empty and acknowledged."""
+        self.sampling = False
+        self.network_up = True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            busy = [d for d in self.devices if not d.idle()]
+            self.sample_timeline()
+            self.progress(self, "drain")
+            if not busy:
+                return True
+            for dev in busy:
+                if dev.core.state == telemetry.OFFLINE and dev.tick_handle is None:
+                    dev.schedule_tick()
+            await asyncio.sleep(0.5)
+        return False
+
+    async def close(self):
+        self.sampling = False
+        for dev in self.devices:
+            if dev.tick_handle is not None:
+                dev.tick_handle.cancel()
+            if dev.link is not None:
+                dev.link.transport.close()
+        await asyncio.sleep(0.1)
+
+    # -- numbers ----------------------------------------------------------------
+
+    def connected(self):
+        return sum(1 for d in self.devices if d.link is not None)
+
+    def queued(self):
+        return sum(d.queued() for d in self.devices)
+
+    def generated(self):
+        return sum(sum(d.generated.values()) for d in self.devices)
+
+    def declared_drops(self):
+        return sum(d.core.dropped for d in self.devices)
+
+    def sample_timeline(self):
+        self.metrics.timeline.append({
+            "t_s": round(self.elapsed_s(), 2), "connected": self.connected(),
+            "queued": self.queued(), "published": self.metrics.published,
+            "acked": self.metrics.acked, "network_up": self.network_up})

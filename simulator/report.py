@@ -1,0 +1,91 @@
+"""A self-contained report.html: the summary's numbers, its checks, and
+inline SVG charts of the run (no scripts, no network, one file)."""
+
+import html
+import json
+
+WIDTH, HEIGHT, PAD = 720, 200, 40
+
+
+def line_chart(title, rows, key, color, marks=(), unit=""):
+    """An SVG line chart of rows[i][key] against rows[i]['t_s']."""
+    if len(rows) < 2:
+        return "<p>%s: not enough samples</p>" % html.escape(title)
+    xs = [r["t_s"] for r in rows]
+    ys = [r[key] for r in rows]
+    x0, x1 = xs[0], max(xs[-1], xs[0] + 1e-9)
+    y1 = max(max(ys), 1)
+
+    def px(x):
+        return PAD + (x - x0) / (x1 - x0) * (WIDTH - 2 * PAD)
+
+    def py(y):
+        return HEIGHT - PAD + 10 - y / y1 * (HEIGHT - 2 * PAD)
+
+    points = " ".join("%.1f,%.1f" % (px(x), py(y)) for x, y in zip(xs, ys))
+    bands = []
+    for start, end, label in marks:
+        bands.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="#f3d9d9"/>'
+                     '<text x="%.1f" y="%d" font-size="10" fill="#a33">%s</text>' % (
+                         px(start), PAD - 20, max(px(end) - px(start), 2), HEIGHT - 2 * PAD + 30,
+                         px(start) + 2, PAD - 8, html.escape(label)))
+    return """<figure><figcaption>{title}</figcaption>
+<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{title}">
+{bands}
+<line x1="{p}" y1="{base}" x2="{xr}" y2="{base}" stroke="#888"/>
+<line x1="{p}" y1="{top}" x2="{p}" y2="{base}" stroke="#888"/>
+<text x="{p}" y="{h2}" font-size="10">{x0:.0f} s</text>
+<text x="{xr}" y="{h2}" font-size="10" text-anchor="end">{x1:.0f} s</text>
+<text x="{p2}" y="{top}" font-size="10" text-anchor="end">{y1:g}{unit}</text>
+<text x="{p2}" y="{base}" font-size="10" text-anchor="end">0</text>
+<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{points}"/>
+</svg></figure>""".format(title=html.escape(title), w=WIDTH, h=HEIGHT + 20, bands="".join(bands),
+                           p=PAD, p2=PAD - 4, xr=WIDTH - PAD, base=HEIGHT - PAD + 10, top=PAD - 10,
+                           h2=HEIGHT + 5, x0=x0, x1=x1, y1=y1, unit=unit, color=color, points=points)
+
+
+def rates(rows, key):
+    """Per-second rate of a cumulative counter, as rows with key 'rate'."""
+    out = []
+    for a, b in zip(rows, rows[1:]):
+        dt = b["t_s"] - a["t_s"]
+        if dt > 0:
+            out.append({"t_s": b["t_s"], "rate": (b[key] - a[key]) / dt})
+    return out
+
+
+def render(summary, timeline, marks=(), title="tether run"):
+    checks = "".join(
+        "<tr><td>{mark}</td><td>{name}</td><td>{detail}</td></tr>".format(
+            mark="&#10004;" if c["passed"] else "&#10008;", name=html.escape(c["name"]),
+            detail=html.escape(c["detail"]))
+        for c in summary["checks"])
+    tele = "".join("<tr><td>%s</td><td>%s</td></tr>" % (html.escape(k), html.escape(str(v)))
+                   for k, v in summary["telemetry"].items())
+    ok = all(c["passed"] for c in summary["checks"])
+    charts = "\n".join([
+        line_chart("Devices connected", timeline, "connected", "#2b6cb0", marks),
+        line_chart("Records acknowledged per second", rates(timeline, "acked"), "rate", "#2f855a", marks, "/s"),
+        line_chart("Records queued on devices (store-and-forward)", timeline, "queued", "#b7791f", marks),
+    ])
+    return """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 780px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
+.verdict {{ font-size: 1.3em; padding: .5em 1em; border-radius: 4px;
+           background: {bg}; }}
+figure {{ margin: 1.5em 0; }} figcaption {{ font-weight: 600; }}
+</style></head><body>
+<h1>{title}</h1>
+<p class="verdict">{verdict}: {devices} devices, {duration:.1f} s</p>
+<h2>Checks</h2><table><tr><th></th><th>check</th><th>detail</th></tr>{checks}</table>
+<h2>Telemetry</h2><table>{tele}</table>
+<h2>Over time</h2>{charts}
+<h2>summary.json</h2><pre>{raw}</pre>
+</body></html>
+""".format(title=html.escape(title), bg="#e6f4ea" if ok else "#fde8e8",
+           verdict="PASS" if ok else "FAIL", devices=summary["devices"],
+           duration=summary["duration_s"], checks=checks, tele=tele, charts=charts,
+           raw=html.escape(json.dumps(summary, indent=2)))
