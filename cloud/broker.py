@@ -1,0 +1,415 @@
+"""Embedded MQTT broker: amqtt with tether's identity, ACL and ingest hook.
+
+What it adds to amqtt.broker.Broker (amqtt 0.12):
+
+- TLS that it does itself (`stream_connected`): client certificate
+  required, only our CA trusted, TLS >= 1.2. A failed handshake (no
+  certificate, foreign CA, expired, wrong key usage) is a refusal with
+  action "tls", so the demo can count those too.
+- Identity = the peer certificate's CN, checked at CONNECT: it must be a
+  device identity ("tenant/device") or a cloud client ("$cloud/<name>"),
+  the client id must equal it, and the optional `authorize(identity)` hook
+  must agree. This runs *before* amqtt touches any session, so a client
+  using another device's client id cannot delete or take over that
+  device's session (amqtt would delete a clean session first and only then
+  authenticate).
+- The ACL of docs/design.md, in `permits()`.
+- `on_publish(identity, topic, payload)`, awaited for every permitted QoS 0/1
+  PUBLISH before the PUBACK (`TetherHandler`). If it raises, there is no
+  PUBACK and the connection is closed; the device sends again.
+- `kick(identity)`, `stop()` that lets in-flight `on_publish` calls finish,
+  and `start()` again on the same port.
+
+Telemetry goes to `on_publish`; it is not fanned out to MQTT subscribers
+unless `relay=True`. Sessions, subscriptions and queued messages live in
+memory and are gone after `stop()`: devices resend what was not
+acknowledged from their own journal.
+"""
+
+import asyncio
+import collections
+import logging
+import ssl
+
+from amqtt.broker import Broker as AmqttBroker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.session import INCOMING
+
+from cloud.ca import INGEST_IDENTITY, identity_of, is_cloud_identity, parse_identity
+from cloud.errors import BrokerError, CloudError
+
+IDENTITY_KEY = "tether.identity"
+
+HANDSHAKE_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0  # from TLS up to a CONNECT packet
+DRAIN_TIMEOUT_S = 5.0
+REFUSALS_MAX = 10_000
+CONNECTIONS_MAX = 10_000
+
+# Refusal actions, and the reasons each can have.
+TLS, CONNECT, PUBLISH, SUBSCRIBE = "tls", "connect", "publish", "subscribe"
+RECEIVE = "receive"  # amqtt checks this before relaying a message to a subscriber
+R_NO_CERT = "no_certificate"          # tls / connect
+R_CERT_EXPIRED = "cert_expired"       # tls
+R_CERT_NOT_YET_VALID = "cert_not_yet_valid"
+R_UNKNOWN_CA = "unknown_ca"           # tls: not signed by our CA
+R_WRONG_PURPOSE = "wrong_purpose"     # tls: e.g. a server cert used as a client cert
+R_TLS = "tls_failed"                  # tls: anything else (garbage, timeout, old TLS)
+R_BAD_IDENTITY = "bad_identity"       # connect: CN is neither device nor cloud identity
+R_CLIENT_ID = "client_id_mismatch"    # connect
+R_NOT_AUTHORIZED = "not_authorized"   # connect: authorize() said no
+R_NOT_PERMITTED = "not_permitted"     # publish / subscribe: ACL
+R_QOS = "qos_unsupported"             # publish: QoS 2
+
+# OpenSSL X509_V_ERR_* codes we name; the rest are R_TLS.
+_VERIFY_REASONS = {
+    9: R_CERT_NOT_YET_VALID,
+    10: R_CERT_EXPIRED,
+    18: R_UNKNOWN_CA,   # self-signed leaf
+    19: R_UNKNOWN_CA,   # self-signed CA in chain
+    20: R_UNKNOWN_CA,   # issuer not found
+    26: R_WRONG_PURPOSE,
+}
+
+# Outcomes of TetherHandler asking the broker about one PUBLISH.
+ACCEPTED, REFUSED, FAILED = "accepted", "refused", "failed"
+
+# identity is None when TLS failed; for action "connect", topic holds the
+# client id the peer presented.
+Refusal = collections.namedtuple("Refusal", "identity action topic reason")
+
+_NULL_LOGGER = logging.Logger("tether.null")
+_NULL_LOGGER.addHandler(logging.NullHandler())
+
+
+def quiet_amqtt(level=logging.ERROR):
+    """amqtt logs every connection at INFO and our refusals as WARNING."""
+    for name in ("amqtt", "transitions"):
+        logging.getLogger(name).setLevel(level)
+
+
+def permits(identity, action, topic):
+    """The ACL: may `identity` publish / subscribe / receive `topic`?"""
+    if identity == INGEST_IDENTITY:
+        return action in (SUBSCRIBE, RECEIVE) and topic.split("/")[0] == "t"
+    if is_cloud_identity(identity):
+        return False
+    if action == PUBLISH:
+        return topic == "t/%s/telemetry" % identity
+    if action in (SUBSCRIBE, RECEIVE):
+        return topic == "t/%s/cmd" % identity
+    return False
+
+
+def server_context(ca_path, cert_path, key_path):
+    """mTLS server context: our CA only, client certificate required, TLS >= 1.2."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=ca_path)
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+def tls_reason(exc):
+    code = getattr(exc, "verify_code", None)
+    if code in _VERIFY_REASONS:
+        return _VERIFY_REASONS[code]
+    if getattr(exc, "reason", None) in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "NO_CERTIFICATE_RETURNED"):
+        return R_NO_CERT
+    return R_TLS
+
+
+class TetherHandler(BrokerProtocolHandler):
+    """Asks the broker (`gate`) about each incoming PUBLISH before acknowledging it."""
+
+    gate = None  # the Broker; set right after init_from_connect
+
+    async def _handle_qos0_message_flow(self, app_message):
+        if app_message.direction != INCOMING:
+            return await super()._handle_qos0_message_flow(app_message)
+        verdict = await self.gate.admit(self.session, app_message)
+        if verdict == FAILED:
+            await self.handle_connection_closed()
+        elif verdict == ACCEPTED and self.gate.relay:
+            await super()._handle_qos0_message_flow(app_message)
+
+    async def _handle_qos1_message_flow(self, app_message):
+        if app_message.direction != INCOMING:
+            return await super()._handle_qos1_message_flow(app_message)
+        if app_message.packet_id is None:
+            raise MQTTError("QoS 1 PUBLISH without packet id")
+        verdict = await self.gate.admit(self.session, app_message)
+        if verdict == FAILED:
+            # No PUBACK: the device keeps the record and sends it again.
+            await self.handle_connection_closed()
+            return
+        if verdict == ACCEPTED and self.gate.relay:
+            await self.session.delivered_message_queue.put(app_message)
+        # A refused publish is acknowledged and dropped, as Mosquitto does
+        # for MQTT 3.1.1, so a misbehaving device cannot stall its queue.
+        puback = PubackPacket.build(app_message.packet_id)
+        await self._send_packet(puback)
+        app_message.puback_packet = puback
+
+    async def _handle_qos2_message_flow(self, app_message):
+        if app_message.direction != INCOMING:
+            return await super()._handle_qos2_message_flow(app_message)
+        self.gate.refuse(self.session.attributes.get(IDENTITY_KEY), PUBLISH, app_message.topic, R_QOS)
+        await self.handle_connection_closed()
+
+    def handle_read_timeout(self):
+        # Nothing within 1.5 x keepalive: the peer is gone (amqtt ignores this).
+        asyncio.ensure_future(self.handle_connection_closed())
+
+
+class Broker(AmqttBroker):
+    """amqtt broker on one mTLS listener. Construct inside a running event loop.
+
+    on_publish: async (identity, topic, payload) -> None; raise to refuse.
+    authorize: optional (identity) -> bool or awaitable bool, at CONNECT.
+    logger: receives refusals and failures as records with extra
+        {"event": "broker.refused", "identity", "action", "topic", "reason"}.
+    port: 0 picks a free port; `self.port` holds the real one after start()
+        and restarts reuse it.
+    """
+
+    def __init__(self, host, port, ca_path, cert_path, key_path, on_publish=None,
+                 authorize=None, logger=None, relay=False, refusals_max=REFUSALS_MAX,
+                 connections_max=CONNECTIONS_MAX, amqtt_log_level=logging.ERROR):
+        if amqtt_log_level is not None:
+            quiet_amqtt(amqtt_log_level)
+        self.host = host
+        self.port = port
+        self.on_publish = on_publish
+        self.authorize = authorize
+        self.log = logger or _NULL_LOGGER  # amqtt owns self.logger
+        self.relay = relay
+        self.refusals = collections.deque(maxlen=refusals_max)
+        self.refusal_counts = collections.Counter()
+        self.ingest_failures = 0
+        self._ssl_context = server_context(ca_path, cert_path, key_path)
+        self._admitting = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        config = {
+            "listeners": {"default": {
+                "type": "tcp", "bind": "%s:%d" % (host, port), "max_connections": connections_max,
+            }},
+            "plugins": {},
+        }
+        super().__init__(config, plugin_namespace="amqtt.tether")
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self):
+        try:
+            await super().start()
+        except AMQTTError as exc:
+            raise BrokerError("broker cannot start on %s:%d: %s" % (self.host, self.port, exc),
+                              code="broker_start") from exc
+        self.port = self._servers["default"].instance.sockets[0].getsockname()[1]
+        self.listeners_config["default"].bind = "%s:%d" % (self.host, self.port)
+        self._admitting = True
+        self.log.info("broker started on %s:%d", self.host, self.port,
+                      extra={"event": "broker.started", "port": self.port})
+
+    async def stop(self, drain_timeout_s=DRAIN_TIMEOUT_S):
+        """Stop listening, let in-flight on_publish calls finish, close everything."""
+        if self.transitions.state != "started":
+            return
+        self._admitting = False
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+        try:
+            await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
+        except asyncio.TimeoutError:
+            self.log.warning("broker stopping with %d on_publish calls in flight", self._inflight,
+                             extra={"event": "broker.drain_timeout", "inflight": self._inflight})
+        await self.shutdown()
+        self.log.info("broker stopped", extra={"event": "broker.stopped", "port": self.port})
+
+    async def restart(self):
+        await self.stop()
+        await self.start()
+
+    def kick(self, identity):
+        """End `identity`'s live connection. Returns a task (await it or not) -> bool."""
+        return asyncio.ensure_future(self._kick(identity))
+
+    async def _kick(self, identity):
+        kicked = await self._end_connection(identity)
+        if kicked:
+            self.log.info("kicked %s", identity, extra={"event": "broker.kicked", "identity": identity})
+        return kicked
+
+    # -- refusals ----------------------------------------------------------
+
+    def refuse(self, identity, action, topic, reason):
+        self.refusals.append(Refusal(identity, action, topic, reason))
+        self.refusal_counts[reason] += 1
+        self.log.warning(
+            "refused %s %s %s: %s", identity, action, topic, reason,
+            extra={"event": "broker.refused", "identity": identity, "action": action,
+                   "topic": topic, "reason": reason})
+
+    # -- TLS and CONNECT ---------------------------------------------------
+
+    async def stream_connected(self, reader, writer, listener_name):
+        try:
+            await writer.start_tls(self._ssl_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+            self.refuse(None, TLS, None, tls_reason(exc))
+            writer.close()
+            return
+        await super().stream_connected(reader, writer, listener_name)
+
+    async def _initialize_client_session(self, reader, writer, remote_address, remote_port):
+        # Replaces amqtt's: check identity before touching any session.
+        try:
+            handler, session = await asyncio.wait_for(
+                TetherHandler.init_from_connect(reader, writer, self.plugins_manager), CONNECT_TIMEOUT_S)
+        except MQTTError:
+            await _close_quietly(writer)
+            raise
+        except (AMQTTError, NoDataError, asyncio.TimeoutError) as exc:
+            await _close_quietly(writer)
+            raise AMQTTError(exc) from exc
+        identity = await self._check_connect(session, writer)
+        handler.gate = self
+        session.username = identity
+        session.password = None
+        session.attributes[IDENTITY_KEY] = identity
+        if session.keep_alive > 0:
+            session.keep_alive += session.keep_alive // 2  # MQTT: 1.5 x keepalive
+        await self._end_connection(identity)  # same identity again: the new connection wins
+        return handler, await self._adopt_session(session)
+
+    async def _check_connect(self, session, writer):
+        """The identity from the peer certificate; CONNACK-refuse and raise otherwise."""
+        identity, reason, connack = None, None, NOT_AUTHORIZED
+        der = session.ssl_object.getpeercert(binary_form=True) if session.ssl_object else None
+        if not der:
+            reason = R_NO_CERT
+        else:
+            identity, reason = _identity_from_der(der)
+        if reason is None and session.client_id != identity:
+            reason, connack = R_CLIENT_ID, IDENTIFIER_REJECTED
+        if reason is None and self.authorize is not None and not await _maybe_await(self.authorize(identity)):
+            reason = R_NOT_AUTHORIZED
+        if reason is None:
+            return identity
+        self.refuse(identity, CONNECT, session.client_id, reason)
+        try:
+            await ConnackPacket.build(0, connack).to_stream(writer)
+        except OSError:
+            pass  # the client may already have gone
+        await _close_quietly(writer)
+        raise MQTTError("connection refused: %s" % reason)
+
+    async def _adopt_session(self, session):
+        """amqtt's clean-session / resume logic, for an identity already checked."""
+        identity = session.client_id
+        existing = self._sessions.get(identity, (None, None))[0]
+        if session.clean_session or existing is None:
+            await self._delete_session(identity)
+            session.parent = 0
+            return session
+        for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive",
+                     "username", "password", "ssl_object"):
+            setattr(existing, name, getattr(session, name))
+        existing.attributes[IDENTITY_KEY] = identity
+        existing.parent = 1
+        return existing
+
+    async def _end_connection(self, identity):
+        """Close `identity`'s live connection, if any, and detach it from its session."""
+        session, handler = self._sessions.get(identity, (None, None))
+        if session is None or handler is None or not session.transitions.is_connected():
+            return False
+        # With no handler recorded, the old connection's loop leaves the
+        # session alone when it notices the close (see _handle_disconnect).
+        self._sessions[identity] = (session, None)
+        session.transitions.disconnect()
+        await handler.handle_connection_closed()
+        await handler.stop()
+        return True
+
+    async def _handle_disconnect(self, client_session, handler, disconnect_waiter):
+        current = self._sessions.get(client_session.client_id, (None, None))[1]
+        if current is not handler:
+            await self._stop_handler(handler)  # kicked or taken over
+            return
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _authenticate(self, session, listener):
+        return IDENTITY_KEY in session.attributes  # set by _check_connect
+
+    # -- ACL and ingest ----------------------------------------------------
+
+    async def _topic_filtering(self, session, topic, action):
+        identity = session.attributes.get(IDENTITY_KEY)
+        allowed = identity is not None and permits(identity, action, topic)
+        if not allowed and action == SUBSCRIBE:
+            self.refuse(identity, SUBSCRIBE, topic, R_NOT_PERMITTED)
+        return allowed
+
+    async def admit(self, session, message):
+        """ACL + on_publish for one incoming PUBLISH -> ACCEPTED, REFUSED or FAILED."""
+        identity = session.attributes.get(IDENTITY_KEY)
+        if not self._admitting:
+            return FAILED  # stopping: not acknowledged, sent again after restart
+        if identity is None or not permits(identity, PUBLISH, message.topic):
+            self.refuse(identity, PUBLISH, message.topic, R_NOT_PERMITTED)
+            return REFUSED
+        if self.on_publish is None:
+            return ACCEPTED
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            await self.on_publish(identity, message.topic, bytes(message.data))
+        except Exception as exc:
+            self.ingest_failures += 1
+            self.log.warning(
+                "on_publish failed for %s: %r; not acknowledged", identity, exc,
+                extra={"event": "broker.ingest_failed", "identity": identity, "topic": message.topic,
+                       "code": getattr(exc, "code", type(exc).__name__)})
+            return FAILED
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+        return ACCEPTED
+
+
+def _identity_from_der(der):
+    """-> (identity, None) or (identity_or_None, refusal reason)."""
+    try:
+        identity = identity_of(der)
+    except CloudError:
+        return None, R_BAD_IDENTITY
+    if is_cloud_identity(identity):
+        return identity, None
+    try:
+        parse_identity(identity)
+    except CloudError:
+        return identity, R_BAD_IDENTITY
+    return identity, None
+
+
+async def _close_quietly(writer):
+    try:
+        await writer.close()
+    except OSError:
+        pass
+
+
+async def _maybe_await(value):
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        return await value
+    return value
