@@ -43,11 +43,11 @@ def verdict(summary, out_dir):
     console = Console()
     ok = all(c["passed"] for c in summary["checks"])
     t = summary["telemetry"]
-    console.print("[bold %s]%s[/]: %d devices, %.1f s, %d records generated, %d stored, "
-                  "%d declared dropped, %d lost, %d silent gaps, %d dead-lettered" % (
-                      "green" if ok else "red", "PASS" if ok else "FAIL", summary["devices"],
-                      summary["duration_s"], t["generated"], t["stored"], t["declared_drops"],
-                      t["lost"], t["silent_gaps"], t["dead_lettered"]))
+    shown = ", ".join("%s %s" % (k.replace("_", " "), "n/a" if v is None else v) for k, v in (
+        ("generated", t["generated"]), ("stored", t["stored"]), ("declared_dropped", t["declared_drops"]),
+        ("lost", t["lost"]), ("silent_gaps", t["silent_gaps"]), ("dead_lettered", t["dead_lettered"])))
+    console.print("[bold %s]%s[/]: %d devices, %.1f s: %s" % (
+        "green" if ok else "red", "PASS" if ok else "FAIL", summary["devices"], summary["duration_s"], shown))
     for c in summary["checks"]:
         if not c["passed"]:
             console.print("  [red]failed[/]: %s: %s" % (c["name"], c["detail"]))

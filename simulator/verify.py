@@ -38,7 +38,7 @@ def cloud_truth(view, device):
 def reconcile(devices, store):
     """Totals over the fleet, device side against cloud side."""
     t = {"generated": 0, "acked": 0, "stored": 0, "declared_drops": 0, "silent_missing": 0,
-         "acked_not_stored": 0, "unaccounted": 0, "device_declared": 0}
+         "acked_not_stored": 0, "unaccounted": 0, "lost": 0, "device_declared": 0}
     for dev in devices:
         generated, acked = device_truth(dev)
         stored, declared, silent = cloud_truth(store.tenant(dev.tenant), dev.device)
@@ -49,6 +49,7 @@ def reconcile(devices, store):
         t["silent_missing"] += len(silent)
         t["acked_not_stored"] += len(acked - stored)
         t["unaccounted"] += len(generated - stored - declared)
+        t["lost"] += len((acked - stored) | (generated - stored - declared))
         t["device_declared"] += dev.core.dropped
     return t
 
@@ -56,7 +57,7 @@ def reconcile(devices, store):
 def summarize(fleet, store, duration_s, drained, extra_checks=()):
     t = reconcile(fleet.devices, store)
     counts = store.fleet_counts()
-    lost = t["acked_not_stored"] + t["unaccounted"]
+    lost = t["lost"]  # each lost record once, whether acknowledged or not
     telemetry = {
         "generated": t["generated"], "acked": t["acked"], "stored": t["stored"],
         "duplicates_dropped": counts.get("duplicates_dropped", 0),

@@ -1,0 +1,139 @@
+"""`tether sim run`: the fleet simulator against a running cloud (ours or
+yours), for CI load tests. Exits 1 when a correctness check fails."""
+
+import asyncio
+import glob
+import json
+import os
+import sys
+import time
+from urllib.parse import urlparse
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from cloud.ca import CA, write_private, write_public
+from simulator import live
+from simulator.fleet import Credential, Fleet
+from simulator.report import render
+from simulator.verify import Check, summarize
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_broker_url(url):
+    u = urlparse(url)
+    if u.scheme != "mqtts" or not u.hostname:
+        raise UsageError("broker URL must look like mqtts://HOST:PORT (TLS is not optional), got %r" % url)
+    return u.hostname, u.port or 8883
+
+
+def credentials_from_dir(root, limit):
+    """TENANT/DEVICE.crt + TENANT/DEVICE.key, as `tether cloud serve --issue` writes them."""
+    creds = []
+    for cert in sorted(glob.glob(os.path.join(root, "*", "*.crt"))):
+        key = cert[:-4] + ".key"
+        if not os.path.exists(key):
+            continue
+        tenant = os.path.basename(os.path.dirname(cert))
+        device = os.path.basename(cert)[:-4]
+        creds.append(Credential(tenant, device, cert, key))
+    if len(creds) < limit:
+        raise UsageError("%s holds credentials for %d devices; %d asked for" % (root, len(creds), limit))
+    return creds[:limit]
+
+
+def mint_credentials(ca_cert, ca_key, out_dir, count, tenants):
+    """Device credentials signed by a CA the user supplies."""
+    with open(ca_cert, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    with open(ca_key, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    ca = CA(cert, key)
+    creds = []
+    for i in range(count):
+        tenant = "tenant%d" % (i % tenants)
+        device = "sim-%05d" % i
+        folder = os.path.join(out_dir, "creds", tenant)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        c, k = os.path.join(folder, device + ".crt"), os.path.join(folder, device + ".key")
+        cert_pem, key_pem = ca.issue_device(tenant, device)
+        write_public(c, cert_pem)
+        write_private(k, key_pem)
+        creds.append(Credential(tenant, device, c, k))
+    return creds
+
+
+def device_side_summary(fleet, duration_s, drained):
+    """Without the cloud's store only the devices' view can be checked."""
+    acked = sum(len(d.acked) for d in fleet.devices)
+    generated = fleet.generated()
+    declared = fleet.declared_drops()
+    n = len(fleet.devices)
+    checks = [
+        Check("drained", drained, "every device queue empty and acknowledged" if drained
+              else "some device queues did not drain in time"),
+        Check("every record acknowledged or declared dropped", acked >= generated - declared,
+              "%d generated, %d acknowledged, %d declared dropped" % (generated, acked, declared)),
+        Check("every device connected at the end", fleet.connected() == n,
+              "%d of %d connected" % (fleet.connected(), n)),
+    ]
+    return {"devices": n, "duration_s": round(duration_s, 2), "verification": "device-side only (no --store)",
+            "telemetry": {"generated": generated, "acked": acked, "stored": None, "duplicates_dropped": None,
+                          "declared_drops": declared, "silent_gaps": None, "dead_lettered": None,
+                          "lost": None, "msgs_per_s": round(acked / duration_s, 1) if duration_s else 0.0},
+            "checks": [c.as_dict() for c in checks]}
+
+
+async def run(args):
+    host, port = parse_broker_url(args.broker_url)
+    os.makedirs(args.out, exist_ok=True)
+    if args.creds:
+        creds = credentials_from_dir(args.creds, args.devices)
+    elif args.mint_ca:
+        creds = mint_credentials(args.mint_ca[0], args.mint_ca[1], args.out, args.devices, args.tenants)
+    else:
+        raise UsageError("give --creds DIR or --mint-ca CA_CERT CA_KEY")
+    view = live.Progress(quiet=args.quiet)
+    fleet = Fleet(creds, args.ca_bundle, host, port, seed=args.seed, server_name=args.server_name,
+                  sample_interval_s=args.interval, progress=view.update)
+    events, marks = [], []
+    if args.network_cut:
+        at, length = (float(x) for x in args.network_cut.split(":"))
+        events = [(at, fleet.cut_network), (at + length, fleet.restore_network)]
+        marks = [(at, at + length, "network cut")]
+    fleet.start()
+    try:
+        await fleet.run_for(args.duration, events)
+        drained = await fleet.drain(timeout_s=60)
+        duration = fleet.elapsed_s()
+        if args.store:
+            from cloud.store import Store
+            time.sleep(0.5)  # the cloud's group commit lingers a few ms
+            store = Store(args.store)
+            try:
+                summary = summarize(fleet, store, duration, drained)
+            finally:
+                store.close()
+        else:
+            summary = device_side_summary(fleet, duration, drained)
+    finally:
+        await fleet.close()
+        view.stop()
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(args.out, "report.html"), "w") as f:
+        f.write(render(summary, fleet.metrics.timeline, marks, title="tether sim run"))
+    return summary
+
+
+def main(args):
+    try:
+        summary = asyncio.run(run(args))
+    except UsageError as e:
+        print("tether sim run: %s" % e, file=sys.stderr)
+        return 2
+    live.verdict(summary, args.out)
+    return 0 if all(c["passed"] for c in summary["checks"]) else 1
