@@ -1,9 +1,17 @@
 """The Linux board (Raspberry-Pi class): files on disk written with fsync and
 rename, the system clock, and an MQTT transport on paho-mqtt."""
 
+import logging
 import os
 import random
+import ssl
 import time
+
+import paho.mqtt.client as paho
+
+from agent import events, telemetry
+from agent.actions import Append, Connect, Log, Publish, WriteAtomic
+from board.codec import CODEC
 
 
 class FileStorage:
@@ -81,15 +89,13 @@ class LinuxAgent:
     the core's backoff decides when to try again."""
 
     def __init__(self, root, tenant, device, host, port, cafile, certfile, keyfile,
-                 server_name="localhost", config=None, codec=None, clock=None, rng=None):
-        from agent import telemetry
-        if codec is None:
-            from board.codec import CODEC as codec
+                 config=None, codec=None, clock=None, rng=None, logger=None):
         self.storage = FileStorage(root)
         self.clock = clock or SystemClock()
-        self.core = telemetry.Telemetry(tenant, device, codec, rng or SystemRng(), config)
+        self.core = telemetry.Telemetry(tenant, device, codec or CODEC, rng or SystemRng(), config)
         self.identity = "%s/%s" % (tenant, device)
-        self.host, self.port, self.server_name = host, port, server_name
+        self.host, self.port = host, port
+        self.log = logger or logging.getLogger("tether.agent")
         self.tls = (cafile, certfile, keyfile)
         self.client = None
         self.mids = {}
@@ -100,10 +106,6 @@ class LinuxAgent:
         self.execute(self.core.boot(self.storage.read("state"), self.storage.read("queue")))
 
     def sample(self, readings):
-        self.feed_event_sample(readings)
-
-    def feed_event_sample(self, readings):
-        from agent import events
         self.feed(events.Sample(self.clock.now_ms(), readings))
 
     def feed(self, event):
@@ -111,7 +113,6 @@ class LinuxAgent:
 
     def step(self, timeout_s=0.05):
         """Run the network for a moment and hand what happened to the core."""
-        from agent import events
         self.feed(events.Tick(self.clock.now_ms()))
         if self.client is not None:
             rc = self.client.loop(timeout=timeout_s)
@@ -121,7 +122,6 @@ class LinuxAgent:
             self.feed(self.inbox.pop(0))
 
     def execute(self, actions):
-        from agent.actions import Append, Connect, Log, Publish, WriteAtomic
         for action in actions:
             if isinstance(action, Publish):
                 info = self.client.publish(action.topic, action.payload, qos=1)
@@ -133,12 +133,9 @@ class LinuxAgent:
             elif isinstance(action, Connect):
                 self._connect()
             elif isinstance(action, Log):
-                pass
+                self.log.info("%s: %s", action.code, action.detail)
 
     def _connect(self):
-        import ssl
-        import paho.mqtt.client as paho
-        from agent import events
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.identity,
                              clean_session=True)
         cafile, certfile, keyfile = self.tls
@@ -153,15 +150,12 @@ class LinuxAgent:
         client.on_publish = self._on_publish
         self.client = client
         try:
-            if self.server_name != self.host:
-                ctx.check_hostname = False  # verify the name below instead
             client.connect(self.host, self.port, keepalive=60)
         except (OSError, ssl.SSLError) as e:
             self.client = None
             self.inbox.append(events.ConnectionLost(self.clock.now_ms(), "connect failed: %s" % e))
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
-        from agent import events
         if reason_code == 0:
             self.inbox.append(events.Connected(self.clock.now_ms()))
         else:
@@ -172,14 +166,12 @@ class LinuxAgent:
             self._lost("disconnected: %s" % reason_code)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
-        from agent import events
         token = self.mids.pop(mid, None)
         if token is not None and client is self.client:
             self.acked.add(token)
             self.inbox.append(events.PubAcked(token))
 
     def _lost(self, reason):
-        from agent import events, telemetry
         client, self.client = self.client, None
         self.mids.clear()
         if client is not None:
