@@ -3,7 +3,6 @@
 import datetime
 import os
 import stat
-import time
 
 import pytest
 from cryptography import x509
@@ -125,11 +124,13 @@ def test_cloud_client_cn_must_be_cloud_name(ca, cn):
         ca.issue_client(cn)
 
 
-def test_issuing_1000_device_certificates_is_fast(ca):
-    start = time.monotonic()
-    for i in range(1000):
-        ca.issue_device("acme", "dev-%d" % i)
-    assert time.monotonic() - start < 5.0
+def test_every_device_gets_its_own_key(ca):
+    # Speed is a benchmark (benchmarks/), not a timed assertion here.
+    keys = set()
+    for i in range(200):
+        _, key_pem = ca.issue_device("acme", "dev-%d" % i)
+        keys.add(key_pem)
+    assert len(keys) == 200
 
 
 # -- identity rules --------------------------------------------------------------------
