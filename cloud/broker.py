@@ -31,6 +31,7 @@ import collections
 import logging
 import ssl
 
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker as AmqttBroker
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
@@ -44,6 +45,7 @@ from cloud.errors import BrokerError, CloudError
 IDENTITY_KEY = "tether.identity"
 
 HANDSHAKE_TIMEOUT_S = 10.0
+PACKET_MAX_BYTES = 64 * 1024  # far above the 1 KiB telemetry limit; bounds memory per connection
 CONNECT_TIMEOUT_S = 10.0  # from TLS up to a CONNECT packet
 DRAIN_TIMEOUT_S = 5.0
 REFUSALS_MAX = 10_000
@@ -121,6 +123,24 @@ def tls_reason(exc):
     if getattr(exc, "reason", None) in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "NO_CERTIFICATE_RETURNED"):
         return R_NO_CERT
     return R_TLS
+
+
+class BoundedReader(StreamReaderAdapter):
+    """amqtt reads a packet's body in one readexactly(remaining length), so an
+    authenticated client announcing 256 MB would make it buffer 256 MB. This
+    refuses any single read over PACKET_MAX_BYTES and closes the connection."""
+
+    def __init__(self, reader, broker, writer):
+        super().__init__(reader)
+        self._broker = broker
+        self._writer = writer
+
+    async def read(self, n=-1):
+        if n < 0 or n > PACKET_MAX_BYTES:
+            self._broker.refuse(None, "packet", None, "packet_too_large")
+            self._writer.transport.abort()
+            raise NoDataError("packet over %d bytes refused" % PACKET_MAX_BYTES)
+        return await super().read(n)
 
 
 class TetherHandler(BrokerProtocolHandler):
@@ -267,7 +287,8 @@ class Broker(AmqttBroker):
             self.refuse(None, TLS, None, tls_reason(exc))
             writer.close()
             return
-        await super().stream_connected(reader, writer, listener_name)
+        await self._client_connected(listener_name, BoundedReader(reader, self, writer),
+                                     StreamWriterAdapter(writer))
 
     async def _initialize_client_session(self, reader, writer, remote_address, remote_port):
         # Replaces amqtt's: check identity before touching any session.

@@ -53,6 +53,7 @@ INGEST_TOPIC = "t/+/+/telemetry"
 # give it about 100 s of outage before Mosquitto starts dropping.
 MAX_QUEUED_MESSAGES = 100_000
 MAX_INFLIGHT_MESSAGES = 100
+PACKET_MAX_BYTES = 64 * 1024
 AUTOSAVE_INTERVAL_S = 30
 
 START_TIMEOUT_S = 10.0
@@ -100,6 +101,9 @@ def config_text(data_dir, host, port, ca_path, cert_path, key_path,
         "autosave_interval %d" % autosave_interval_s,
         "max_queued_messages %d" % max_queued_messages,
         "max_inflight_messages %d" % max_inflight_messages,
+        # One packet can never make Mosquitto buffer more than this (the
+        # embedded broker has the same bound: cloud/broker.py PACKET_MAX_BYTES).
+        "max_packet_size %d" % PACKET_MAX_BYTES,
         "log_dest file %s" % os.path.join(data_dir, LOG_FILE),
         "log_type error",
         "log_type warning",
