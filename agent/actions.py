@@ -1,16 +1,10 @@
 # Actions the agent core returns for the driver to carry out, in order.
 
+from agent.value import Value
 
-class Action:
+
+class Action(Value):
     __slots__ = ()
-
-    def __repr__(self):
-        return "%s(%s)" % (type(self).__name__, ", ".join(
-            "%s=%r" % (n, getattr(self, n)) for n in self.__slots__))
-
-    def __eq__(self, other):
-        return type(self) is type(other) and all(
-            getattr(self, n) == getattr(other, n) for n in self.__slots__)
 
 
 class Append(Action):

@@ -16,6 +16,7 @@
 import sys
 
 from agent.errors import MQTTError
+from agent.value import Value
 
 try:
     from micropython import const
@@ -69,19 +70,8 @@ def connack_reason(rc):
 # ---------------------------------------------------------------- packets
 
 
-class Packet:
+class Packet(Value):
     __slots__ = ()
-
-    def __repr__(self):
-        return "%s(%s)" % (type(self).__name__, ", ".join(
-            "%s=%r" % (n, getattr(self, n)) for n in self.__slots__))
-
-    def __eq__(self, other):
-        return type(self) is type(other) and all(
-            getattr(self, n) == getattr(other, n) for n in self.__slots__)
-
-    def __ne__(self, other):
-        return not self.__eq__(other)
 
 
 class ConnAck(Packet):

@@ -42,6 +42,8 @@ def default_limits():
 
 
 class DeviceCredential:
+    """Where one device's certificate and key are, and who it is."""
+
     def __init__(self, tenant, device, certfile, keyfile):
         self.tenant = tenant
         self.device = device

@@ -7,6 +7,7 @@ import ssl
 import time
 
 from agent import telemetry
+from cloud.service import DeviceCredential as Credential  # noqa: F401  (re-exported)
 from simulator.device import VirtualDevice
 
 
@@ -21,16 +22,6 @@ class Metrics:
 
     def note(self, code):
         self.notes[code] = self.notes.get(code, 0) + 1
-
-
-class Credential:
-    """Where one device's certificate and key are, and who it is."""
-
-    def __init__(self, tenant, device, certfile, keyfile):
-        self.tenant = tenant
-        self.device = device
-        self.certfile = certfile
-        self.keyfile = keyfile
 
 
 def client_context(cafile, certfile, keyfile):
