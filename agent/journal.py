@@ -5,6 +5,8 @@
 # Bodies: b"A" + epoch:u32 + seq:u32 + flags:u8 + payload   (add)
 #         b"U" + epoch:u32 + seq:u32 + flags:u8 + payload   (replace payload)
 #         b"R" + epoch:u32 + seq:u32                        (remove: acked)
+#         b"E" + epoch:u32 + seq:u32 (0)                    (the boot epoch, a
+#               second copy beside the state file)
 #         b"X" + epoch:u32 + seq:u32 + <an A/U body without its letter>
 #               (drop: remove that record and upsert the drop record that
 #               declares it, in one frame, so a cut cannot do one alone)
@@ -19,6 +21,7 @@ HEADER_LEN = 6
 BODY_MAX = 65535
 KEY = "<II"
 FLAG_DROP = 1
+KINDS = (b"A", b"U", b"R", b"X", b"E")
 
 
 def frame(body):
@@ -37,6 +40,10 @@ def update(epoch, seq, flags, payload):
 
 def remove(epoch, seq):
     return frame(b"R" + struct.pack(KEY, epoch, seq))
+
+
+def epoch_mark(epoch):
+    return frame(b"E" + struct.pack(KEY, epoch, 0))
 
 
 def drop(victim_epoch, victim_seq, epoch, seq, flags, payload):
@@ -65,15 +72,26 @@ def scan(data):
 
 
 def replay(data):
-    """Rebuild the live queue from a journal: a list of [epoch, seq, flags,
-    payload] in queue order, and whether a torn/corrupt tail was cut."""
+    """Rebuild the live queue from a journal. Returns (entries, damaged,
+    epoch): entries as [epoch, seq, flags, payload] in queue order; damaged
+    is true if a torn or corrupt tail was cut or a frame was not understood
+    (skipped: a newer firmware may write kinds this one does not know);
+    epoch is the highest boot epoch an E frame names, or -1."""
     bodies, good_len = scan(data)
     entries = []
+    damaged = good_len != len(data)
+    epoch_seen = -1
     for body in bodies:
-        if len(body) < 9 or body[0:1] not in (b"A", b"U", b"R", b"X"):
-            raise JournalError("unknown journal frame", "bad_frame")
         kind = body[0:1]
+        if len(body) < 9 or kind not in KINDS or (kind in b"AUX" and len(body) < 10) \
+                or (kind == b"X" and len(body) < 18):
+            damaged = True
+            continue
         epoch, seq = struct.unpack_from(KEY, body, 1)
+        if kind == b"E":
+            if epoch > epoch_seen:
+                epoch_seen = epoch
+            continue
         i = _find(entries, epoch, seq)
         if kind == b"R" or kind == b"X":
             if i >= 0:
@@ -83,14 +101,12 @@ def replay(data):
             body = body[8:]
             epoch, seq = struct.unpack_from(KEY, body, 1)
             i = _find(entries, epoch, seq)
-        if len(body) < 10:
-            raise JournalError("short journal frame", "bad_frame")
         entry = [epoch, seq, body[9], body[10:]]
         if i >= 0 and kind != b"A":
             entries[i] = entry
         elif i < 0 and kind != b"U":
             entries.append(entry)
-    return entries, good_len != len(data)
+    return entries, damaged, epoch_seen
 
 
 def _find(entries, epoch, seq):
@@ -101,6 +117,6 @@ def _find(entries, epoch, seq):
     return -1
 
 
-def compact(entries):
-    """One journal holding exactly these live entries."""
-    return b"".join([add(e[0], e[1], e[2], e[3]) for e in entries])
+def compact(entries, epoch):
+    """One journal holding the boot epoch and exactly these live entries."""
+    return epoch_mark(epoch) + b"".join([add(e[0], e[1], e[2], e[3]) for e in entries])

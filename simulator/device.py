@@ -3,12 +3,14 @@ speaking MQTT over its own mTLS connection. Many of these share one loop."""
 
 import asyncio
 import ssl
+import struct
 
 from agent import events, mqtt, telemetry
 from agent.actions import Append, Connect, Log, Publish, WriteAtomic
 from agent.errors import MQTTError
 from board.codec import CODEC
 from board.sim import SimFlash, SimRng
+from simulator.keys import KeySet
 
 KEEPALIVE_S = 60
 CONNECT_TIMEOUT_S = 10
@@ -22,15 +24,25 @@ class Link(asyncio.Protocol):
         self.device = device
         self.parser = mqtt.Parser()
         self.transport = None
+        self.timer = None
 
     def connection_made(self, transport):
         self.transport = transport
+        self.device.pending = self
         transport.write(mqtt.connect(self.device.identity, KEEPALIVE_S, clean_session=True))
-        self.device.fleet.loop.call_later(CONNECT_TIMEOUT_S, self.connack_timeout)
+        self.timer = self.device.fleet.loop.call_later(CONNECT_TIMEOUT_S, self.connack_timeout)
 
     def connack_timeout(self):
-        if self.device.link is not self and self.device.connecting and not self.transport.is_closing():
+        self.timer = None
+        if self.device.link is not self and not self.transport.is_closing():
             self.device.note("connack_timeout", "no CONNACK in %d s" % CONNECT_TIMEOUT_S)
+            self.transport.abort()
+
+    def abort(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None:
             self.transport.abort()
 
     def data_received(self, data):
@@ -44,27 +56,37 @@ class Link(asyncio.Protocol):
             self.device.on_packet(self, packet)
 
     def connection_lost(self, exc):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.device.on_link_lost(self, "connection lost" if exc is None else str(exc))
 
 
 class VirtualDevice:
-    def __init__(self, fleet, tenant, device, ssl_context, seed, config=None):
+    def __init__(self, fleet, tenant, device, ssl_context, seed, config=None, epoch_base=0):
         self.fleet = fleet
         self.tenant = tenant
         self.device = device
         self.identity = "%s/%s" % (tenant, device)
         self.ssl_context = ssl_context
         self.flash = SimFlash()
+        if epoch_base:
+            # A simulated device reusing a real identity must not repeat the
+            # (epoch, seq) of an earlier run: start from a later epoch.
+            self.flash.write_atomic(telemetry.STATE_FILE, telemetry.encode_state(epoch_base))
         self.rng = SimRng(seed)
         self.config = config
         self.core = None
-        self.link = None
+        self.link = None          # the connection the broker accepted
+        self.pending = None       # a connection waiting for its CONNACK
         self.connecting = False
+        self.task = None
         self.packet_ids = {}      # MQTT packet id -> token
         self.sent_ms = {}         # token -> when published (ack timeout)
         self.next_pid = 1
         self.generated = {}       # epoch -> seqs made (records incl. drop records)
-        self.acked = set()        # (epoch, seq) the broker acknowledged
+        self.acked = KeySet()     # (epoch, seq) the broker acknowledged
+        self.dropped = KeySet()   # (epoch, seq) dropped from a full queue (and declared)
         self.tick_handle = None
 
     # -- life -----------------------------------------------------------------
@@ -83,6 +105,8 @@ class VirtualDevice:
         self.feed(events.Sample(self.fleet.now_ms(), readings))
 
     def schedule_tick(self):
+        if self.fleet.closing:
+            return
         if self.tick_handle is not None:
             self.tick_handle.cancel()
         delay_s = max(0, self.core.connect_at_ms - self.fleet.now_ms()) / 1000
@@ -92,6 +116,8 @@ class VirtualDevice:
         self.tick_handle = None
         if self.core.state == telemetry.OFFLINE:
             self.feed(events.Tick(self.fleet.now_ms()))
+            if self.core.state == telemetry.OFFLINE:  # the timer fired early
+                self.schedule_tick()
 
     # -- actions --------------------------------------------------------------
 
@@ -101,11 +127,13 @@ class VirtualDevice:
                 self.publish(action)
             elif isinstance(action, Append):
                 self.flash.append(action.name, action.data)
+                if action.data[6:7] == b"X":  # a drop frame: note its victim
+                    self.dropped.add(struct.unpack_from("<II", action.data, 7))
             elif isinstance(action, WriteAtomic):
                 self.flash.write_atomic(action.name, action.data)
             elif isinstance(action, Connect):
                 self.connecting = True
-                self.fleet.loop.create_task(self.open_link())
+                self.task = self.fleet.loop.create_task(self.open_link())
             elif isinstance(action, Log):
                 self.note(action.code, action.detail)
 
@@ -129,10 +157,18 @@ class VirtualDevice:
                 CONNECT_TIMEOUT_S)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:
             self.lost("connect failed: %s" % (e.__class__.__name__,))
+            return
+        if not self.fleet.network_up and self.pending is not None:
+            self.pending.abort()  # the network was cut while we connected
 
     # -- the link -------------------------------------------------------------
 
     def on_packet(self, link, packet):
+        if isinstance(packet, mqtt.ConnAck):
+            self.on_connack(link, packet)
+            return
+        if link is not self.link:
+            return  # a connection we have already given up on
         if isinstance(packet, mqtt.PubAck):
             token = self.packet_ids.pop(packet.packet_id, None)
             if token is None:
@@ -141,23 +177,34 @@ class VirtualDevice:
             self.acked.add(token)
             self.fleet.metrics.acked += 1
             self.feed(events.PubAcked(token))
-        elif isinstance(packet, mqtt.ConnAck):
-            if packet.return_code != 0:
-                self.note("refused", mqtt.connack_reason(packet.return_code))
-                link.transport.abort()
-                return
-            self.link = link
-            self.connecting = False
-            self.fleet.metrics.connects += 1
-            self.feed(events.Connected(self.fleet.now_ms()))
+
+    def on_connack(self, link, packet):
+        if link is not self.pending or not self.fleet.network_up:
+            self.note("unexpected_connack", "CONNACK on a connection not waiting for one")
+            link.abort()
+            return
+        if link.timer is not None:
+            link.timer.cancel()
+            link.timer = None
+        self.pending = None
+        if packet.return_code != 0:
+            self.note("refused", mqtt.connack_reason(packet.return_code))
+            link.abort()
+            return
+        self.link = link
+        self.connecting = False
+        self.fleet.metrics.connects += 1
+        self.feed(events.Connected(self.fleet.now_ms()))
 
     def on_link_lost(self, link, reason):
         if link is self.link or (self.link is None and self.connecting):
             self.lost(reason)
 
     def lost(self, reason):
-        self.link = None
+        self.link = None          # the connection the broker accepted
+        self.pending = None       # a connection waiting for its CONNACK
         self.connecting = False
+        self.task = None
         self.packet_ids.clear()
         self.sent_ms.clear()
         if self.core.state in (telemetry.ONLINE, telemetry.CONNECTING):
@@ -165,9 +212,11 @@ class VirtualDevice:
             self.schedule_tick()
 
     def cut(self):
-        """The network under this device fails: the connection dies at once."""
-        if self.link is not None and self.link.transport is not None:
-            self.link.transport.abort()
+        """The network under this device fails: its connections die at once,
+        the accepted one and any still waiting for a CONNACK."""
+        for link in (self.link, self.pending):
+            if link is not None:
+                link.abort()
 
     def check_ack_timeout(self):
         if self.link is None or not self.sent_ms:

@@ -34,7 +34,7 @@ def client_context(cafile, certfile, keyfile):
 
 class Fleet:
     def __init__(self, credentials, cafile, host, port, seed=1, server_name="localhost",
-                 config=None, sample_interval_s=1.0, progress=None):
+                 config=None, sample_interval_s=1.0, progress=None, fresh_epochs=False):
         self.loop = asyncio.get_running_loop()
         self.host = host
         self.port = port
@@ -42,6 +42,9 @@ class Fleet:
         self.sample_interval_s = sample_interval_s
         self.metrics = Metrics()
         self.network_up = True
+        self.closing = False
+        self.sample_failures = 0
+        self.epoch_base = int(time.time()) - 1_700_000_000 if fresh_epochs else 0
         self.progress = progress or (lambda fleet, phase: None)
         self.rng = random.Random(seed)
         self.t0 = time.monotonic()
@@ -51,7 +54,7 @@ class Fleet:
             ctx = client_context(cafile, cred.certfile, cred.keyfile)
             dev_config = config(i) if callable(config) else config
             self.devices.append(VirtualDevice(self, cred.tenant, cred.device, ctx,
-                                              seed * 1_000_003 + i, dev_config))
+                                              seed * 1_000_003 + i, dev_config, self.epoch_base))
 
     def now_ms(self):
         return time.time_ns() // 1_000_000
@@ -73,10 +76,14 @@ class Fleet:
     def _sample_loop(self, dev):
         if not self.sampling:
             return
-        r = dev.rng
-        dev.sample({"temp_c": 15 + r.randint(0, 150) / 10, "rssi_dbm": -40 - r.randint(0, 50),
-                    "battery_mv": 3000 + r.randint(0, 1200)})
         self.loop.call_later(self.sample_interval_s, self._sample_loop, dev)
+        r = dev.rng
+        try:
+            dev.sample({"temp_c": 15 + r.randint(0, 150) / 10, "rssi_dbm": -40 - r.randint(0, 50),
+                        "battery_mv": 3000 + r.randint(0, 1200)})
+        except Exception as e:  # counted and checked: a run with failures fails
+            self.sample_failures += 1
+            self.metrics.note("sample_failed:%s" % type(e).__name__)
 
     def cut_network(self):
         self.network_up = False
@@ -120,11 +127,15 @@ class Fleet:
 
     async def close(self):
         self.sampling = False
+        self.closing = True
         for dev in self.devices:
             if dev.tick_handle is not None:
                 dev.tick_handle.cancel()
-            if dev.link is not None:
-                dev.link.transport.close()
+            for link in (dev.link, dev.pending):
+                if link is not None:
+                    link.abort()
+            if dev.task is not None and not dev.task.done():
+                dev.task.cancel()
         await asyncio.sleep(0.1)
 
     # -- numbers ----------------------------------------------------------------
@@ -139,7 +150,10 @@ class Fleet:
         return sum(sum(d.generated.values()) for d in self.devices)
 
     def declared_drops(self):
-        return sum(d.core.dropped for d in self.devices)
+        return sum(len(d.dropped) for d in self.devices)
+
+    def refused(self):
+        return sum(d.core.refused for d in self.devices)
 
     def sample_timeline(self):
         self.metrics.timeline.append({

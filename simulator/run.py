@@ -69,6 +69,7 @@ def mint_credentials(ca_cert, ca_key, out_dir, count, tenants):
 def device_side_summary(fleet, duration_s, drained):
     """Without the cloud's store only the devices' view can be checked."""
     acked = sum(len(d.acked) for d in fleet.devices)
+    refused = fleet.refused()
     generated = fleet.generated()
     declared = fleet.declared_drops()
     n = len(fleet.devices)
@@ -79,11 +80,15 @@ def device_side_summary(fleet, duration_s, drained):
               "%d generated, %d acknowledged, %d declared dropped" % (generated, acked, declared)),
         Check("every device connected at the end", fleet.connected() == n,
               "%d of %d connected" % (fleet.connected(), n)),
+        Check("no sample refused", refused == 0, "%d samples refused by full queues" % refused),
+        Check("every sample taken", fleet.sample_failures == 0,
+              "%d samples failed in the device driver" % fleet.sample_failures),
     ]
     return {"devices": n, "duration_s": round(duration_s, 2), "verification": "device-side only (no --store)",
             "telemetry": {"generated": generated, "acked": acked, "stored": None, "duplicates_dropped": None,
                           "declared_drops": declared, "silent_gaps": None, "dead_lettered": None,
-                          "lost": None, "msgs_per_s": round(acked / duration_s, 1) if duration_s else 0.0},
+                          "lost": None, "msgs_per_s": round(acked / duration_s, 1) if duration_s else 0.0,
+                          "refused": refused},
             "checks": [c.as_dict() for c in checks]}
 
 
@@ -98,7 +103,7 @@ async def run(args):
         raise UsageError("give --creds DIR or --mint-ca CA_CERT CA_KEY")
     view = live.Progress(quiet=args.quiet)
     fleet = Fleet(creds, args.ca_bundle, host, port, seed=args.seed, server_name=args.server_name,
-                  sample_interval_s=args.interval, progress=view.update)
+                  sample_interval_s=args.interval, progress=view.update, fresh_epochs=True)
     events, marks = [], []
     if args.network_cut:
         at, length = (float(x) for x in args.network_cut.split(":"))

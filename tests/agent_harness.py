@@ -1,6 +1,8 @@
 """Runs the real telemetry core on a SimFlash with an in-memory broker peer,
 so tests can cut power, cut the network and replay from a seed."""
 
+import struct
+
 from agent import events, telemetry
 from agent.actions import Append, Connect, Log, Publish, WriteAtomic
 from board.codec import CODEC
@@ -26,6 +28,8 @@ class Device:
         self.pending_acks = []
         self.logs = []
         self.core = None
+        self.durable = set()      # (epoch, seq) of every record whose append completed
+        self.dropped = set()      # (epoch, seq) of every record a completed X frame dropped
 
     def boot(self):
         self.core = telemetry.Telemetry("acme", "dev-1", self.codec, self.rng, self.config)
@@ -37,6 +41,7 @@ class Device:
         for action in actions:
             if isinstance(action, Append):
                 self.flash.append(action.name, action.data)
+                self.note_durable(action.data)
             elif isinstance(action, WriteAtomic):
                 self.flash.write_atomic(action.name, action.data)
             elif isinstance(action, Connect):
@@ -45,6 +50,15 @@ class Device:
                 self.pending_acks.append(action)
             elif isinstance(action, Log):
                 self.logs.append(action)
+
+    def note_durable(self, frame):
+        """The key of the record an A or X frame just made durable."""
+        kind = frame[6:7]
+        if kind == b"A":
+            self.durable.add(struct.unpack_from("<II", frame, 7))
+        elif kind == b"X":
+            self.dropped.add(struct.unpack_from("<II", frame, 7))
+            self.durable.add(struct.unpack_from("<II", frame, 15))
 
     def feed(self, event):
         self.run(self.core.handle(event))

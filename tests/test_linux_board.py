@@ -35,8 +35,8 @@ def test_append_torn_tail_is_cut_on_recovery(tmp_path):
     frame = journal.add(0, 1, 0, b"b")
     with open(tmp_path / "flash" / "queue", "ab") as f:
         f.write(frame[:5])  # the crash tore this append
-    entries, torn = journal.replay(s.read("queue"))
-    assert torn and entries == [[0, 0, 0, b"a"]]
+    entries, damaged, _ = journal.replay(s.read("queue"))
+    assert damaged and entries == [[0, 0, 0, b"a"]]
 
 
 @pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden"])
@@ -83,7 +83,7 @@ async def test_linux_agent_delivers_through_outage_and_reboot(tmp_path):
         first.boot()
         await asyncio.to_thread(run_agent, first, 1.0)
         await cloud.broker.stop()                      # outage: records queue on disk
-        queued_before = await asyncio.to_thread(run_agent, first, 1.0)
+        await asyncio.to_thread(run_agent, first, 1.0)
         assert first.core.queue, "records must wait on disk while the broker is down"
         del first                                      # power off with a queue on disk
         second = agent()
@@ -101,7 +101,6 @@ async def test_linux_agent_delivers_through_outage_and_reboot(tmp_path):
         assert set(by_epoch) == {0, 1}
         for e, seqs in by_epoch.items():
             assert seqs == set(range(max(seqs) + 1)), "epoch %d has a hole" % e
-        assert queued_before > 0
         assert cloud.store.fleet_counts()["silent_gaps"] == 0
     finally:
         await cloud.stop()

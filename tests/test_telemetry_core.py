@@ -32,6 +32,25 @@ def coverage_holes(records):
     return holes
 
 
+def silent_losses(dev):
+    """Records that became durable and then vanished without a declaration:
+    every durable record must be acknowledged, or dropped (by a completed X
+    frame) inside the range of an acknowledged drop record of its epoch, and
+    the drop records' `n` must add up to exactly the records dropped."""
+    acked = {}
+    for r in acked_records(dev):
+        acked[(r["e"], r["s"])] = r
+    drops = [r for r in acked.values() if r["k"] == "drop"]
+    covered = set()
+    for r in drops:
+        covered.update((r["de"], s) for s in range(r["a"], r["b"] + 1))
+    problems = sorted(dev.durable - set(acked) - dev.dropped)
+    problems += ["dropped %r outside every range" % (k,) for k in sorted(dev.dropped - covered)]
+    if sum(r["n"] for r in drops) != len(dev.dropped):
+        problems.append("n adds to %d, %d dropped" % (sum(r["n"] for r in drops), len(dev.dropped)))
+    return problems
+
+
 def same_key_same_payload(dev):
     by_key = {}
     for p in dev.broker.acked:
@@ -49,8 +68,8 @@ def test_records_are_sequenced_published_and_removed_on_ack():
     assert [(r["e"], r["s"]) for r in recs] == [(0, i) for i in range(5)]
     assert recs[0]["d"] == "dev-1" and recs[0]["k"] == "t" and recs[0]["v"] == 1
     assert dev.core.queue == []
-    entries, torn = journal.replay(dev.flash.read("queue"))
-    assert entries == [] and not torn
+    entries, damaged, epoch = journal.replay(dev.flash.read("queue"))
+    assert entries == [] and not damaged and epoch == 0
 
 
 def test_payload_is_deterministic_cbor():
@@ -96,19 +115,49 @@ def test_full_queue_declares_exactly_what_it_dropped():
     dev.broker.up = False
     for _ in range(20):
         dev.step()
-    assert len(dev.core.queue) <= 5
+    assert dev.core.data_count == 5 and len(dev.core.queue) == 6  # one drop record
+    assert dev.core.refused == 0
     dev.broker.up = True
     for _ in range(4):
         dev.step(ms=31000)
         dev.deliver_acks()
     recs = acked_records(dev)
     drops = [r for r in recs if r["k"] == "drop"]
-    assert drops, "a full queue must declare its drops"
-    declared = sum(r["n"] for r in drops)
-    assert declared == dev.core.dropped
-    for r in drops:
-        assert r["n"] == r["b"] - r["a"] + 1
+    assert len(drops) == 1, "one epoch offline: one drop record"
+    assert drops[0]["n"] == dev.core.dropped == 15
     assert coverage_holes(recs) == {}
+    assert silent_losses(dev) == []
+
+
+def test_long_outage_keeps_the_newest_records_and_a_bounded_journal():
+    dev = Device(config=telemetry.Config(capacity=16, compact_bytes_min=2048))
+    dev.boot()
+    dev.broker.up = False
+    for _ in range(16 * 16 * 2):
+        dev.step()
+    core = dev.core
+    assert core.refused == 0
+    assert core.data_count == 16 and len(core.queue) == 17
+    newest = [e[1] for e in core.queue if not e[2]]
+    assert newest == list(range(core.next_seq - 16, core.next_seq))
+    assert len(dev.flash.read("queue")) < 4 * 2048, "the journal must be compacted offline too"
+
+
+def test_reboots_while_offline_declare_per_epoch_and_stay_bounded():
+    dev = Device(config=telemetry.Config(capacity=4, drops_max=3))
+    dev.boot()
+    dev.broker.up = False
+    for _ in range(6):
+        for _ in range(6):
+            dev.step()
+        dev.boot()
+    drops = [e for e in dev.core.queue if e[2]]
+    assert len(drops) <= 3 and dev.core.data_count <= 4
+    dev.broker.up = True
+    for _ in range(20):
+        dev.step(ms=31000)
+        dev.deliver_acks()
+    assert silent_losses(dev) == [] and coverage_holes(acked_records(dev)) == {}
 
 
 def test_records_in_flight_are_republished_after_connection_loss():
@@ -137,10 +186,32 @@ def test_unknown_transition_is_an_error_and_the_machine_stays_broken():
     dev = Device()
     dev.boot()
     with pytest.raises(LocalError) as e:
-        dev.core.handle(events.PubAcked((0, 0)))  # offline: no PUBACK possible
+        dev.core.handle(events.Connected(1))  # the driver never asked to connect
     assert e.value.code == "bad_transition"
     with pytest.raises(LocalError):
         dev.core.handle(events.Tick(0))
+
+
+def test_what_a_peer_can_cause_is_logged_never_fatal():
+    dev = Device()
+    dev.boot()
+    assert dev.core.handle(events.PubAcked((0, 0)))[0].code == "stray_ack"      # late PUBACK
+    assert dev.core.handle(events.ConnectionLost(1, "late")) == []              # late loss
+    dev.step()
+    assert dev.core.state == telemetry.ONLINE
+    assert dev.core.handle(events.Connected(2))[0].code == "second_connack"
+    assert dev.core.state == telemetry.ONLINE
+
+
+def test_backward_clock_step_does_not_stall_reconnection():
+    dev = Device()
+    dev.boot()
+    dev.step()
+    dev.drop_connection()
+    assert dev.core.state == telemetry.OFFLINE
+    dev.clock._now_ms -= 3_600_000  # NTP steps the clock back an hour
+    dev.step(ms=10)
+    assert dev.core.state == telemetry.ONLINE
 
 
 def test_handle_before_boot_is_refused():
@@ -207,6 +278,7 @@ def test_power_cut_at_every_write_loses_nothing_silently():
         drain(dev)
         recs = acked_records(dev)
         assert coverage_holes(recs) == {}, "cut at write %d" % k
+        assert silent_losses(dev) == [], "cut at write %d" % k
         same_key_same_payload(dev)
         assert dev.core.queue == [], "cut at write %d" % k
 
@@ -227,6 +299,7 @@ def test_any_history_with_a_power_cut_drains_without_silent_gaps(script, cut, ca
     scenario(dev, script)
     drain(dev)
     assert coverage_holes(acked_records(dev)) == {}
+    assert silent_losses(dev) == []
     same_key_same_payload(dev)
     assert len(dev.core.queue) == 0
 
