@@ -82,6 +82,9 @@ class SystemRng:
         return self._r.randint(a, b)
 
 
+ACK_TIMEOUT_MS = 15000  # a broker that stops acknowledging is treated as gone
+
+
 class LinuxAgent:
     """Drives the telemetry core on a Linux board: FileStorage, the system
     clock, and paho-mqtt as the transport. Single-threaded: paho's network
@@ -99,8 +102,8 @@ class LinuxAgent:
         self.tls = (cafile, certfile, keyfile)
         self.client = None
         self.mids = {}
+        self.sent_ms = {}   # mid -> when published, for the PUBACK timeout
         self.inbox = []
-        self.acked = set()
 
     def boot(self):
         self.execute(self.core.boot(self.storage.read("state"), self.storage.read("queue")))
@@ -118,14 +121,20 @@ class LinuxAgent:
             rc = self.client.loop(timeout=timeout_s)
             if rc != 0 and self.client is not None:
                 self._lost("network error %d" % rc)
+        if self.sent_ms and self.client is not None:
+            if self.clock.ticks_ms() - min(self.sent_ms.values()) > ACK_TIMEOUT_MS:
+                self._lost("no PUBACK in %d ms" % ACK_TIMEOUT_MS)
         while self.inbox:
             self.feed(self.inbox.pop(0))
 
     def execute(self, actions):
         for action in actions:
             if isinstance(action, Publish):
+                if self.client is None:
+                    continue  # lost meanwhile: ConnectionLost is queued; the core resends
                 info = self.client.publish(action.topic, action.payload, qos=1)
                 self.mids[info.mid] = action.token
+                self.sent_ms[info.mid] = self.clock.ticks_ms()
             elif isinstance(action, Append):
                 self.storage.append(action.name, action.data)
             elif isinstance(action, WriteAtomic):
@@ -167,18 +176,20 @@ class LinuxAgent:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         token = self.mids.pop(mid, None)
+        self.sent_ms.pop(mid, None)
         if token is not None and client is self.client:
-            self.acked.add(token)
             self.inbox.append(events.PubAcked(token))
 
     def _lost(self, reason):
+        """The connection is gone. PUBACKs already received stay queued ahead
+        of the loss, so the core removes those records and resends the rest."""
         client, self.client = self.client, None
         self.mids.clear()
+        self.sent_ms.clear()
         if client is not None:
             try:
                 client.disconnect()
-            except Exception:
+            except (OSError, ValueError):
                 pass
-        self.inbox = [e for e in self.inbox if not isinstance(e, events.PubAcked)]
         if self.core.state != telemetry.OFFLINE:
             self.inbox.append(events.ConnectionLost(self.clock.now_ms(), reason))

@@ -13,11 +13,18 @@ class PowerCut(Exception):
 class SimFlash:
     def __init__(self, rng=None, cut_at_write=None, capacity_bytes=1 << 20):
         self.files = {}
+        self.used = 0                     # bytes in all files
         self.writes = 0                   # writes attempted so far
         self.cut_at_write = cut_at_write  # 1-based index of the write that loses power
         self.capacity_bytes = capacity_bytes
-        self.rng = rng or random.Random(0)
+        self._rng = rng                   # made on first use: most flashes never lose power
         self.dead = False
+
+    @property
+    def rng(self):
+        if self._rng is None:
+            self._rng = random.Random(0)
+        return self._rng
 
     # -- the storage interface (docs/design.md) ---------------------------
 
@@ -30,27 +37,37 @@ class SimFlash:
         self._alive()
         self._room(len(data))
         if self._cut_now():
-            torn = data[:self.rng.randint(0, len(data))]
-            self.files.setdefault(name, bytearray()).extend(torn)
+            self._extend(name, data[:self.rng.randint(0, len(data))])
             self._die()
-        self.files.setdefault(name, bytearray()).extend(data)
+        self._extend(name, data)
 
     def write_atomic(self, name, data):
         self._alive()
         self._room(len(data) - len(self.files.get(name, b"")))
         if self._cut_now():
             if self.rng.randint(0, 1):
-                self.files[name] = bytearray(data)
+                self._replace(name, bytearray(data))
             self._die()
-        self.files[name] = bytearray(data)
+        self._replace(name, bytearray(data))
 
     def remove(self, name):
         self._alive()
         if self._cut_now():
             if self.rng.randint(0, 1):
-                self.files.pop(name, None)
+                self._replace(name, None)
             self._die()
-        self.files.pop(name, None)
+        self._replace(name, None)
+
+    def _extend(self, name, data):
+        self.files.setdefault(name, bytearray()).extend(data)
+        self.used += len(data)
+
+    def _replace(self, name, data):
+        old = self.files.pop(name, None)
+        self.used -= len(old) if old is not None else 0
+        if data is not None:
+            self.files[name] = data
+            self.used += len(data)
 
     # -- power --------------------------------------------------------------
 
@@ -61,7 +78,7 @@ class SimFlash:
         self.cut_at_write = cut_at_write
 
     def used_bytes(self):
-        return sum(len(v) for v in self.files.values())
+        return self.used
 
     def _cut_now(self):
         self.writes += 1
