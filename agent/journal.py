@@ -5,6 +5,8 @@
 # Bodies: b"A" + epoch:u32 + seq:u32 + flags:u8 + payload   (add)
 #         b"U" + epoch:u32 + seq:u32 + flags:u8 + payload   (replace payload)
 #         b"R" + epoch:u32 + seq:u32                        (remove: acked)
+#         b"P" + epoch:u32 + seq:u32                        (a drop record was
+#               published: after a reboot it is final, never widened again)
 #         b"E" + epoch:u32 + seq:u32 (0)                    (the boot epoch, a
 #               second copy beside the state file)
 #         b"X" + epoch:u32 + seq:u32 + <an A/U body without its letter>
@@ -21,7 +23,8 @@ HEADER_LEN = 6
 BODY_MAX = 65535
 KEY = "<II"
 FLAG_DROP = 1
-KINDS = (b"A", b"U", b"R", b"X", b"E")
+FLAG_SENT = 2
+KINDS = (b"A", b"U", b"R", b"X", b"E", b"P")
 
 
 def frame(body):
@@ -40,6 +43,10 @@ def update(epoch, seq, flags, payload):
 
 def remove(epoch, seq):
     return frame(b"R" + struct.pack(KEY, epoch, seq))
+
+
+def sent(epoch, seq):
+    return frame(b"P" + struct.pack(KEY, epoch, seq))
 
 
 def epoch_mark(epoch):
@@ -93,6 +100,10 @@ def replay(data):
                 epoch_seen = epoch
             continue
         i = _find(entries, epoch, seq)
+        if kind == b"P":
+            if i >= 0:
+                entries[i][2] |= FLAG_SENT
+            continue
         if kind == b"R" or kind == b"X":
             if i >= 0:
                 entries.pop(i)

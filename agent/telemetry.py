@@ -118,7 +118,8 @@ class Telemetry:
             entry = [e[0], e[1], e[2], e[3], False]
             self.queue.append(entry)
             self._count(entry, 1)
-            if e[2] & journal.FLAG_DROP:
+            if e[2] & journal.FLAG_DROP and not e[2] & journal.FLAG_SENT:
+                # Never published, so nobody has seen it: it may still widen.
                 self.open_drops[self.codec.loads(e[3])["de"]] = entry
         actions = [WriteAtomic(STATE_FILE, encode_state(self.epoch)), self._compact()]
         if damaged:
@@ -272,8 +273,11 @@ class Telemetry:
                 continue
             entry[4] = True
             self.inflight += 1
-            if entry[2] & journal.FLAG_DROP:
+            if entry[2] & journal.FLAG_DROP and not entry[2] & journal.FLAG_SENT:
+                # Final from now on, also after a reboot: say so before sending.
+                entry[2] |= journal.FLAG_SENT
                 self._close_drop(entry)
+                actions.append(self._append(journal.sent(entry[0], entry[1])))
             actions.append(Publish(self.topic, entry[3], (entry[0], entry[1])))
         return actions
 

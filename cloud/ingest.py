@@ -14,7 +14,9 @@
                                                  out_of_range
 7. payload `d` == the certificate's device       identity_mismatch
 8. (tenant, device, e, s) already stored or      "duplicate" (counted,
-   pending                                       not dead-lettered)
+   pending, with the same content                not dead-lettered)
+   ... with other content: the device reused     conflict
+   an (e, s) (lost state file, cloned identity)
 9. the stream's open missing ranges stay within  out_of_range
    gaps_per_stream_max (bounded state)
 10. device and tenant token buckets              rate_limited
@@ -24,9 +26,24 @@ bad_type, of the wrong value out_of_range; a uint field holding a negative
 int is out_of_range, holding a float/text/bool bad_type; `ts` < 2^63 (it
 is an SQLite INTEGER); readings are ints or *finite* floats (NaN and
 infinities are out_of_range), keys 1..32 characters; a drop record needs
-de <= e, a <= b, n == b - a + 1, and b < s when de == e (a device cannot
-declare its own seq, or a later one, dropped). Well-formed but
+de <= e, a <= b, 1 <= n <= b - a + 1, and b < s when de == e (a device
+cannot declare its own seq, or a later one, dropped). Well-formed but
 non-preferred encodings (e.g. a float64 that fits float16) are accepted.
+
+A drop record's range may have holes: only `n` of the seqs a..b were
+dropped, the others are records that are stored or still to arrive (data
+records acknowledged earlier or still queued, other drop records). The
+cloud cannot tell which seqs are which, so it marks a..b minus what is
+stored as declared, and a record arriving later inside the range closes
+its seq as usual; once everything has arrived exactly the n dropped seqs
+stay declared. `declared_drops` counts n.
+
+Content of a record, for dedupe: k and r and ts (k="t"), or k and
+de/a/b/n (k="drop"; its ts is not compared). v, d, e and s are the
+envelope. A repeat of a stored (e, s) with the same content is a
+retransmission ("duplicate"); with other content it is a conflict, kept
+as a dead letter and never stored over the first. The stored row is read
+only on this duplicate path, never for a new record.
 
 Dedupe comes before the rate limit on purpose: a retransmission after a
 lost PUBACK costs no write, so it spends no token, and it must not turn a
@@ -63,7 +80,7 @@ from cloud.store import (
 
 REASONS = ("malformed_cbor", "not_a_map", "bad_schema", "bad_type",
            "out_of_range", "oversized", "identity_mismatch", "topic_mismatch",
-           "rate_limited")
+           "rate_limited", "conflict")
 STORED_VERDICT = "stored"
 DUPLICATE_VERDICT = "duplicate"
 
@@ -258,12 +275,14 @@ def _readings(r):
 
 def _drop_fields(m, epoch, seq):
     de, a, b, n = (_uint(m, key, U32) for key in ("de", "a", "b", "n"))
-    if a > b or n != b - a + 1:
-        raise Rejected("out_of_range", "drop: need a <= b and n == b - a + 1")
+    # The device widens an unpublished drop record as it drops more of the
+    # same epoch, so in its own epoch the range may reach past its own seq;
+    # its own seq is never one of the n it declares.
+    own = 1 if de == epoch and a <= seq <= b else 0
+    if a > b or not 1 <= n <= b - a + 1 - own:
+        raise Rejected("out_of_range", "drop: need a <= b and 1 <= n <= b - a + 1 (less its own seq)")
     if de > epoch:
         raise Rejected("out_of_range", "drop: de %d is after e %d" % (de, epoch))
-    if de == epoch and b >= seq:
-        raise Rejected("out_of_range", "drop: b %d is not before s %d" % (b, seq))
     return de, a, b, n
 
 
@@ -443,6 +462,7 @@ class Ingest:
     def _admit(self, tenant, record, now_ms, received_ms):
         stream = self._stream(tenant, record.device, record.epoch)
         if stream.has(record.seq):
+            self._check_same_content(tenant, record)
             self._batch.count(tenant, DUPLICATES)
             return DUPLICATE_VERDICT
         self._check_room(tenant, record, stream)
@@ -452,6 +472,39 @@ class Ingest:
                 raise Rejected("rate_limited", "%s token bucket empty" % refused)
         self._store_record(tenant, record, stream, now_ms, received_ms)
         return STORED_VERDICT
+
+    def _check_same_content(self, tenant, record):
+        """Rejected("conflict") unless `record` has the content of the row
+        already stored (or pending) under its key. Duplicate path only."""
+        key = (tenant, record.device, record.epoch, record.seq)
+        first = self._first_content(key)
+        if first is None:   # cannot happen while stream state matches the rows
+            return
+        body = cbor2.dumps(record.body, canonical=True)
+        kind, ts_ms, first_body = first
+        if kind != record.kind:
+            differs = "k"
+        elif kind == "t":
+            differs = ", ".join(name for name, same in (
+                ("ts", ts_ms == record.ts_ms), ("r", first_body == body))
+                if not same)
+        else:
+            differs = "" if first_body == body else "de/a/b/n"
+        if differs:
+            raise Rejected("conflict", "e %d s %d is already stored with other"
+                           " content (%s differs): (e, s) reused"
+                           % (record.epoch, record.seq, differs))
+
+    def _first_content(self, key):
+        """(kind, ts_ms, canonical body) stored or pending under key, or None."""
+        tenant, device, epoch, seq = key
+        for row in reversed(self._batch.telemetry):
+            if row[3] == seq and row[2] == epoch and row[1] == device and row[0] == tenant:
+                return row[4], row[5], row[7]
+        row = self.store.tenant(tenant).get(device, epoch, seq)
+        if row is None:
+            return None
+        return row["kind"], row["ts_ms"], cbor2.dumps(row["readings"], canonical=True)
 
     def _check_room(self, tenant, record, stream):
         """Bound the open ranges per stream: a record that would go past it

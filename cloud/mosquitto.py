@@ -51,7 +51,7 @@ INGEST_TOPIC = "t/+/+/telemetry"
 # Per-client queue of QoS 1 messages (beyond those in flight). The ingest is
 # the one client that can fall behind: 1,000 devices at one record a second
 # give it about 100 s of outage before Mosquitto starts dropping.
-MAX_QUEUED_MESSAGES = 100_000
+MAX_QUEUED_MESSAGES = 1_000_000  # beyond this Mosquitto drops (and logs) messages for a lagging ingest
 MAX_INFLIGHT_MESSAGES = 100
 PACKET_MAX_BYTES = 64 * 1024
 AUTOSAVE_INTERVAL_S = 30
@@ -324,32 +324,34 @@ class MosquittoIngest:
             self.logger.error("ingest subscription refused", extra={"event": "ingest.subscribe_refused"})
 
     def _on_message(self, client, userdata, msg):
+        """Hand the record to the ingest and return at once, so paho keeps
+        reading and the ingest can commit many records in one group; the
+        PUBACK goes out when this record's commit is done. Mosquitto's
+        max_inflight_messages bounds how many wait unacknowledged."""
         self.received += 1
         identity = identity_from_topic(msg.topic)
-        try:
-            if identity is None:
-                # The subscription filter makes this impossible; ack and drop.
-                self.logger.warning("ingest dropped topic %r", msg.topic,
-                                    extra={"event": "ingest.bad_topic", "topic": msg.topic})
-            else:
-                self._run_callback(identity, msg.topic, msg.payload)
-        except Exception as exc:
+        if identity is None:
+            # The subscription filter makes this impossible; ack and drop.
+            self.logger.warning("ingest dropped topic %r", msg.topic,
+                                extra={"event": "ingest.bad_topic", "topic": msg.topic})
+            client.ack(msg.mid, msg.qos)
+            return
+        future = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(_call(self.callback, identity, msg.topic, msg.payload),
+                             self.callback_timeout_s), self._loop)
+        future.add_done_callback(lambda f, mid=msg.mid, qos=msg.qos, topic=msg.topic:
+                                 self._finish(client, f, mid, qos, topic))
+
+    def _finish(self, client, future, mid, qos, topic):
+        if future.cancelled() or future.exception() is not None:
             self.failures += 1
-            self.logger.warning("ingest callback failed: %r; not acknowledged", exc,
-                                extra={"event": "ingest.callback_failed", "topic": msg.topic})
+            self.logger.warning("ingest callback failed: %r; not acknowledged",
+                                None if future.cancelled() else future.exception(),
+                                extra={"event": "ingest.callback_failed", "topic": topic})
             self._drop_connection()
             return
-        client.ack(msg.mid, msg.qos)
+        client.ack(mid, qos)
         self.acked += 1
-
-    def _run_callback(self, identity, topic, payload):
-        future = asyncio.run_coroutine_threadsafe(
-            _call(self.callback, identity, topic, payload), self._loop)
-        try:
-            future.result(self.callback_timeout_s)
-        except BaseException:
-            future.cancel()
-            raise
 
     def _drop_connection(self):
         # Shutting the socket makes paho's next read see a closed connection;

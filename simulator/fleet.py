@@ -11,6 +11,23 @@ from cloud.service import DeviceCredential as Credential  # noqa: F401  (re-expo
 from simulator.device import VirtualDevice
 
 
+TLS_READ_BUFFER_BYTES = 16 * 1024
+
+
+def small_tls_buffers():
+    """asyncio gives every TLS connection a 256 KiB read buffer
+    (asyncio.sslproto.SSLProtocol.max_size), which is most of a virtual
+    device's memory. 16 KiB holds a whole TLS record, so reads stay whole.
+    This is process-wide and touches a private attribute: it is guarded, and
+    benchmarks/fleet_bench.py measures its effect."""
+    try:
+        from asyncio import sslproto
+    except ImportError:
+        return
+    if getattr(sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER_BYTES:
+        sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES
+
+
 class Metrics:
     def __init__(self):
         self.published = 0
@@ -35,6 +52,7 @@ def client_context(cafile, certfile, keyfile):
 class Fleet:
     def __init__(self, credentials, cafile, host, port, seed=1, server_name="localhost",
                  config=None, sample_interval_s=1.0, progress=None, fresh_epochs=False):
+        small_tls_buffers()
         self.loop = asyncio.get_running_loop()
         self.host = host
         self.port = port

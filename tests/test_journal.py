@@ -7,7 +7,7 @@ from agent import journal
 
 OPS = [journal.add(0, 0, 0, b"one"), journal.add(0, 1, 0, b"two"), journal.remove(0, 0),
        journal.add(1, 0, 1, b"drop"), journal.update(1, 0, 1, b"drop2"),
-       journal.drop(0, 1, 1, 0, 1, b"drop3"), journal.epoch_mark(7)]
+       journal.drop(0, 1, 1, 0, 1, b"drop3"), journal.epoch_mark(7), journal.sent(1, 0)]
 STATES = [  # live entries after each prefix of OPS
     [],
     [[0, 0, 0, b"one"]],
@@ -17,6 +17,7 @@ STATES = [  # live entries after each prefix of OPS
     [[0, 1, 0, b"two"], [1, 0, 1, b"drop2"]],
     [[1, 0, 1, b"drop3"]],
     [[1, 0, 1, b"drop3"]],
+    [[1, 0, 3, b"drop3"]],
 ]
 
 

@@ -129,6 +129,31 @@ def test_full_queue_declares_exactly_what_it_dropped():
     assert silent_losses(dev) == []
 
 
+def test_a_published_drop_record_is_never_widened_even_after_reboot():
+    dev = Device(config=telemetry.Config(capacity=3))
+    dev.boot()
+    dev.broker.up = False
+    for _ in range(6):
+        dev.step()                      # drops: one open drop record
+    dev.broker.up = True
+    dev.step(ms=31000)                  # connects and publishes it, no PUBACK yet
+    sent = [p.payload for p in dev.pending_acks if cbor2.loads(p.payload)["k"] == "drop"]
+    assert sent
+    dev.boot()                          # reboot before the PUBACK
+    dev.broker.up = False
+    for _ in range(6):
+        dev.step()                      # more drops of the same epoch 0 records
+    dev.broker.up = True
+    for _ in range(5):
+        dev.step(ms=31000)
+        dev.deliver_acks()
+    same_key_same_payload(dev)
+    again = [p for p in dev.broker.acked if cbor2.loads(p)["k"] == "drop"
+             and (cbor2.loads(p)["e"], cbor2.loads(p)["s"]) == (cbor2.loads(sent[0])["e"], cbor2.loads(sent[0])["s"])]
+    assert again == [sent[0]] or again == [], "a published drop record must not change"
+    assert silent_losses(dev) == []
+
+
 def test_long_outage_keeps_the_newest_records_and_a_bounded_journal():
     dev = Device(config=telemetry.Config(capacity=16, compact_bytes_min=2048))
     dev.boot()
