@@ -46,6 +46,23 @@ def build_parser():
                    help="issue credentials for N devices into DATA/devices before serving")
     s.add_argument("--tenants", type=int, default=2, help="spread issued devices over this many tenants")
 
+    rv = csub.add_parser("revoke", help="revoke a device's identity: refused at once, live session ended",
+                         description="Record the revocation of DEVICE (TENANT/DEVICE) in the cloud's data "
+                         "directory, with who and why, and wait for the running cloud to enforce it: new "
+                         "connections refused and any live session ended. Prints how long that took. "
+                         "Exit 0 when enforced, 1 when recorded but not (yet) enforced.")
+    rv.add_argument("device", metavar="TENANT/DEVICE")
+    rv.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+    rv.add_argument("--by", default=None, help="who (default: $USER)")
+    rv.add_argument("--data", default="tether-cloud", help="the cloud's data directory")
+    rv.add_argument("--wait", type=float, default=5.0, help="seconds to wait for enforcement (default 5)")
+    au = csub.add_parser("audit", help="list audited identity operations",
+                         description="List the audit trail: who did what to which identity, when and why.")
+    au.add_argument("--data", default="tether-cloud", help="the cloud's data directory")
+    au.add_argument("--action", help="only this action (revoke, revocation_enforced, ...)")
+    au.add_argument("--device", help="only this TENANT/DEVICE")
+    au.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
     r = sub.add_parser("sim", help="the fleet simulator")
     rsub = r.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     run = rsub.add_parser("run", help="run virtual devices against a running cloud",
@@ -81,6 +98,9 @@ def main(argv=None):
     if args.command == "cloud" and args.cloud_command == "serve":
         from cloud.serve import main as serve_main
         return serve_main(args)
+    if args.command == "cloud" and args.cloud_command in ("revoke", "audit"):
+        from cloud import identity_cli
+        return getattr(identity_cli, args.cloud_command)(args)
     if args.command == "sim" and args.sim_command == "run":
         from simulator.run import main as run_main
         return run_main(args)

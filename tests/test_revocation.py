@@ -1,0 +1,148 @@
+"""Revocation, tested as an attack: a device whose identity is revoked while
+it is connected is cut off at once, cannot come back, and the operation is
+audited with who, when and why. (Embedded broker; Mosquitto enforcement is
+not built yet and the command says so.)"""
+
+import asyncio
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+from agent import mqtt
+from brokers import require_kind
+from cloud.errors import CloudError
+from cloud.identity import Registry
+from cloud.service import Cloud
+
+TETHER = [sys.executable, "-m", "cloud.cli"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+async def mqtt_connect(cloud, cred):
+    """Open an mTLS MQTT connection -> (reader, writer, CONNACK return code)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cloud.ca_path)
+    ctx.load_cert_chain(cred.certfile, cred.keyfile)
+    reader, writer = await asyncio.open_connection(cloud.host, cloud.port, ssl=ctx, server_hostname="localhost")
+    writer.write(mqtt.connect("%s/%s" % (cred.tenant, cred.device), 30))
+    await writer.drain()
+    packets = mqtt.Parser().feed(await asyncio.wait_for(reader.readexactly(4), 5))
+    return reader, writer, packets[0].return_code
+
+
+async def closed(reader, timeout_s):
+    try:
+        return await asyncio.wait_for(reader.read(100), timeout_s) == b""
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+async def test_revoked_device_is_cut_off_at_once_and_cannot_return(tmp_path):
+    cloud = Cloud(tmp_path / "cloud")
+    await cloud.start()
+    try:
+        victim, bystander = cloud.issue_device("acme", "dev-1"), cloud.issue_device("acme", "dev-2")
+        reader, writer, rc = await mqtt_connect(cloud, victim)
+        r2, w2, rc2 = await mqtt_connect(cloud, bystander)
+        assert rc == 0 and rc2 == 0
+        cloud.registry.revoke("acme/dev-1", "stolen from site 4", "alice")
+        assert await closed(reader, timeout_s=2), "the live session must end"
+        status = cloud.registry.status("acme/dev-1")
+        assert status["enforced_ms"] is not None and status["note"] == "session ended"
+        assert 0 <= status["block_ms"] < 1000
+        for _ in range(3):                      # it keeps trying; it is refused each time
+            _, w, rc = await mqtt_connect(cloud, victim)
+            assert rc == 5  # CONNACK: not authorized
+            w.close()
+        assert sum(1 for r in cloud.broker.refusals if r.identity == "acme/dev-1") >= 3
+        w2.write(mqtt.pingreq())                # the bystander is untouched
+        await w2.drain()
+        assert await asyncio.wait_for(r2.readexactly(2), 5) == b"\xd0\x00"
+        actions = [(a["actor"], a["action"], a["reason"]) for a in cloud.registry.audit_rows(subject="acme/dev-1")]
+        assert actions[0] == ("alice", "revoke", "stolen from site 4")
+        assert actions[1][1] == "revocation_enforced"
+        writer.close()
+        w2.close()
+    finally:
+        await cloud.stop()
+
+
+async def test_revocation_recorded_while_down_is_enforced_at_start(tmp_path):
+    cloud = Cloud(tmp_path / "cloud")
+    cred = cloud.issue_device("acme", "dev-9")
+    await cloud.start()
+    await cloud.stop()
+    registry = Registry(cloud.store_path)
+    registry.revoke("acme/dev-9", "decommissioned", "bob")
+    registry.close()
+    cloud = Cloud(tmp_path / "cloud", port=cloud.port)
+    await cloud.start()
+    try:
+        _, w, rc = await mqtt_connect(cloud, cred)
+        assert rc == 5
+        w.close()
+    finally:
+        await cloud.stop()
+
+
+def test_revocation_needs_who_and_why_and_a_real_identity(tmp_path):
+    registry = Registry(str(tmp_path / "db"))
+    import pytest
+    for identity, reason, actor in [("acme/dev-1", "", "alice"), ("acme/dev-1", "x", ""),
+                                    ("not-an-identity", "x", "alice"), ("acme/dev 1", "x", "alice")]:
+        with pytest.raises(CloudError):
+            registry.revoke(identity, reason, actor)
+    assert registry.audit_rows() == []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(data, port, broker="embedded"):
+    proc = subprocess.Popen(TETHER + ["cloud", "serve", "--data", str(data), "--port", str(port),
+                                      "--broker", broker, "--issue", "2", "--tenants", "1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    line = ""
+    while "mqtts://" not in line and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+    assert "mqtts://" in line
+    return proc
+
+
+def test_revoke_command_against_a_running_cloud_and_the_audit_listing(tmp_path):
+    data, port = tmp_path / "cloud", free_port()
+    proc = serve(data, port)
+    try:
+        out = subprocess.run(TETHER + ["cloud", "revoke", "tenant0/dev-00000", "--reason", "lost", "--by", "carol",
+                                       "--data", str(data)], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "enforced" in out.stdout and " ms " in out.stdout
+        listing = subprocess.run(TETHER + ["cloud", "audit", "--data", str(data), "--device", "tenant0/dev-00000"],
+                                 cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert "carol" in listing.stdout and "revoke" in listing.stdout and "lost" in listing.stdout
+        bad = subprocess.run(TETHER + ["cloud", "revoke", "nonsense", "--reason", "x", "--data", str(data)],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_revoke_on_mosquitto_says_it_is_not_enforced_yet(tmp_path):
+    require_kind("mosquitto")
+    data, port = tmp_path / "cloud", free_port()
+    proc = serve(data, port, broker="mosquitto")
+    try:
+        out = subprocess.run(TETHER + ["cloud", "revoke", "tenant0/dev-00000", "--reason", "lost", "--by", "carol",
+                                       "--data", str(data)], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "NOT enforced" in out.stdout, out.stdout + out.stderr
+    finally:
+        proc.terminate()
+        proc.wait(20)
