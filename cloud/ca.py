@@ -246,6 +246,18 @@ class CA:
         cert = builder.sign(self.key, hashes.SHA256())
         return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
+    def crl_pem(self, serials, days=7, now=None):
+        """A CRL revoking these serial numbers, signed by this CA."""
+        now = now or _utcnow()
+        builder = (x509.CertificateRevocationListBuilder()
+                   .issuer_name(self.cert.subject)
+                   .last_update(now - BACKDATE)
+                   .next_update(now + datetime.timedelta(days=days)))
+        for serial in sorted(set(serials)):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
     def issue_device(self, tenant, device, days=DEVICE_DAYS, now=None):
         """-> (cert_pem, key_pem) for identity '<tenant>/<device>' (clientAuth)."""
         identity = make_identity(tenant, device)

@@ -1,12 +1,11 @@
 """Device identity operations the cloud records and enforces: revocation,
 with an audit trail of who did what, when and why.
 
-This is the first increment of issue 3. Revocation is enforced by the
-embedded broker: the identity is refused at CONNECT from then on and its
-live session is ended, and the time from the revocation being recorded to
-the session being gone is stored (`block_ms`). On Mosquitto the revocation
-is recorded but NOT enforced yet (that needs a CRL, a reload and a kick
-through the dynamic-security plugin); `enforce()` says so.
+This is the first increment of issue 3. The running cloud (cloud/service.py)
+enforces each revocation on its broker: the identity is refused from then on
+and its live session is ended, and the time from the revocation being
+recorded to that is stored (`block_ms`). Certificates the cloud issued are
+recorded here so revoking an identity puts all its serials on the CRL.
 
 Uses its own SQLite connection to the cloud's database file (WAL), so it
 never shares a transaction with the ingest's writer.
@@ -27,6 +26,10 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL, subject TEXT NOT NULL, reason TEXT NOT NULL,
     detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_by_subject ON audit (subject, id);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY, identity TEXT NOT NULL, issued_ms INTEGER NOT NULL,
+    purpose TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS certificates_by_identity ON certificates (identity);
 """
 
 AUDIT_ROWS_MAX = 10_000
@@ -70,6 +73,18 @@ class Registry:
         args.append(max(1, min(int(limit), AUDIT_ROWS_MAX)))
         names = ("id", "ts_ms", "actor", "action", "subject", "reason", "detail")
         return [dict(zip(names, row)) for row in self._db.execute(sql, args)]
+
+    # -- certificates -----------------------------------------------------------
+
+    def issued(self, identity, serial, purpose="device"):
+        """Remember a certificate the cloud issued, so revoking its identity
+        can put every one of its serials on the CRL."""
+        self._db.execute("INSERT OR IGNORE INTO certificates VALUES (?, ?, ?, ?)",
+                         (format(serial, "x"), identity, self.clock_ms(), purpose))
+
+    def revoked_serials(self):
+        return [int(row[0], 16) for row in self._db.execute(
+            "SELECT serial FROM certificates WHERE identity IN (SELECT identity FROM revocations)")]
 
     # -- revocation -------------------------------------------------------------
 

@@ -73,8 +73,10 @@ def find_mosquitto():
     return None
 
 
-def acl_text(extra=()):
-    """The ACL of docs/design.md; `extra` lines are appended (tests add a cmd sender)."""
+def acl_text(extra=(), denied=()):
+    """The ACL of docs/design.md; `extra` lines are appended (tests add a cmd
+    sender); each `denied` identity (revoked) may touch no topic at all,
+    whatever certificate it comes with (deny is checked before any grant)."""
     text = (
         "# tether ACL: identity = certificate CN = MQTT username (%u)\n"
         "pattern write t/%u/telemetry\n"
@@ -83,14 +85,17 @@ def acl_text(extra=()):
         "user " + INGEST_IDENTITY + "\n"
         "topic read t/#\n"
     )
-    return text + "".join(line + "\n" for line in extra)
+    text += "".join(line + "\n" for line in extra)
+    for identity in sorted(denied):
+        text += "\n# revoked\nuser %s\ntopic deny #\n" % identity
+    return text
 
 
 def config_text(data_dir, host, port, ca_path, cert_path, key_path,
                 max_queued_messages=MAX_QUEUED_MESSAGES,
                 max_inflight_messages=MAX_INFLIGHT_MESSAGES,
                 autosave_interval_s=AUTOSAVE_INTERVAL_S,
-                client_id_from_identity=True):
+                client_id_from_identity=True, crl_path=None):
     lines = [
         "# written by cloud/mosquitto.py; edits are overwritten",
         "per_listener_settings false",
@@ -128,7 +133,18 @@ def config_text(data_dir, host, port, ca_path, cert_path, key_path,
     ]
     if client_id_from_identity:
         lines.append("use_username_as_clientid true")
+    if crl_path is not None:
+        lines.append("crlfile %s" % crl_path)  # reread on SIGHUP (reload())
     return "\n".join(lines) + "\n"
+
+
+def write_acl(data_dir, extra=(), denied=()):
+    """(Re)write the ACL file; a running Mosquitto rereads it on reload()."""
+    path = os.path.join(os.path.abspath(data_dir), ACL_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(acl_text(extra, denied))
+    os.replace(tmp, path)
 
 
 def write_config(data_dir, host, port, ca_path, cert_path, key_path, acl_extra=(), **options):
@@ -139,8 +155,7 @@ def write_config(data_dir, host, port, ca_path, cert_path, key_path, acl_extra=(
     """
     data_dir = os.path.abspath(data_dir)
     os.makedirs(os.path.join(data_dir, DB_DIR), exist_ok=True)
-    with open(os.path.join(data_dir, ACL_FILE), "w") as f:
-        f.write(acl_text(acl_extra))
+    write_acl(data_dir, acl_extra, options.pop("denied", ()))
     conf_path = os.path.join(data_dir, CONF_FILE)
     with open(conf_path, "w") as f:
         f.write(config_text(data_dir, host, port, ca_path, cert_path, key_path, **options))

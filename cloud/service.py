@@ -16,7 +16,7 @@ import socket
 import time
 
 from cloud.broker import Broker
-from cloud.ca import CA, INGEST_IDENTITY, write_private, write_public
+from cloud.ca import CA, INGEST_IDENTITY, load_cert, write_private, write_public
 from cloud.identity import Registry
 from cloud.ingest import AsyncIngest, Ingest
 from cloud.limits import Limits
@@ -40,6 +40,49 @@ def default_limits():
     not refused; tight enough that one runaway device cannot flood a tenant."""
     return Limits(device_rate_per_s=50, device_burst=1000,
                   tenant_rate_per_s=20_000, tenant_burst=200_000)
+
+
+async def _mqtt_accepted(cloud, cred, client_id, timeout_s=3):
+    """Connect with these credentials: True on CONNACK 0, False if refused
+    (TLS or CONNACK), None if it could not tell."""
+    import asyncio
+    import ssl
+    from agent import mqtt
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cloud.ca_path)
+    ctx.load_cert_chain(*cred)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            cloud.host, cloud.port, ssl=ctx, server_hostname="localhost"), timeout_s)
+    except ssl.SSLError:
+        return False
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        writer.write(mqtt.connect(client_id, 30))
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(4), timeout_s)
+        if not data:
+            return False
+        return mqtt.Parser().feed(data)[0].return_code == 0
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        return False
+    except (OSError, asyncio.TimeoutError, IndexError):
+        return None
+    finally:
+        writer.close()
+
+
+async def _wait_refused(cloud, cred, timeout_s):
+    """Probe until Mosquitto refuses this certificate (its CRL reload is done)."""
+    import asyncio
+    identity = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await _mqtt_accepted(cloud, cred, identity or "probe") is False:
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 class DeviceCredential:
@@ -75,7 +118,7 @@ class Cloud:
         self.broker = None
         self.mosquitto = None
         self.mosquitto_ingest = None
-        self.registry = None
+        self.registry = Registry(self.store_path)
         self.revoked = set()
         self._watch = None
 
@@ -98,6 +141,7 @@ class Cloud:
             cert_pem, key_pem = self.ca.issue_device(tenant, device)
             write_private(keyfile, key_pem)
             write_public(certfile, cert_pem)
+            self.registry.issued("%s/%s" % (tenant, device), load_cert(cert_pem).serial_number)
         return DeviceCredential(tenant, device, certfile, keyfile)
 
     # -- life -----------------------------------------------------------------
@@ -105,7 +149,8 @@ class Cloud:
     async def start(self):
         import asyncio
         self.store = Store(self.store_path)
-        self.registry = Registry(self.store_path)
+        if self.registry is None:
+            self.registry = Registry(self.store_path)
         self.revoked = self.registry.revoked()
         if self.kind == "embedded":
             self.registry.retry_unenforced()
@@ -139,8 +184,7 @@ class Cloud:
         for identity, revoked_ms in self.registry.pending():
             self.revoked.add(identity)
             if self.kind != "embedded":
-                self.registry.not_enforced(identity, "NOT enforced: revocation on Mosquitto is not "
-                                           "implemented yet (issue 3); only the embedded broker refuses it")
+                await self._enforce_on_mosquitto(identity, revoked_ms)
                 continue
             kicked = await self.broker.kick(identity)
             still = self.broker.sessions.get(identity, (None, None))[1] is not None
@@ -155,8 +199,12 @@ class Cloud:
     async def _start_mosquitto(self):
         from cloud.mosquitto import Mosquitto, MosquittoIngest
         mdir = os.path.join(self.data_dir, "mosquitto")
+        os.makedirs(mdir, mode=0o700, exist_ok=True)
+        self.crl_path = os.path.join(mdir, "crl.pem")
+        self._write_crl()
         self.mosquitto = Mosquitto.configure(mdir, self.host, self.port, self.ca_path,
-                                             self.server_cert, self.server_key, logger=log)
+                                             self.server_cert, self.server_key, logger=log,
+                                             crl_path=self.crl_path, denied=sorted(self.revoked))
         await self.mosquitto.start()
         idir = os.path.join(self.data_dir, "ingest")
         os.makedirs(idir, mode=0o700, exist_ok=True)
@@ -168,6 +216,62 @@ class Cloud:
         self.mosquitto_ingest = MosquittoIngest(self.host, self.port, self.ca_path, cert, key,
                                                 self._on_publish, logger=log)
         await self.mosquitto_ingest.start()
+
+    def _write_crl(self):
+        tmp = self.crl_path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(self.ca.crl_pem(self.registry.revoked_serials()))
+        os.replace(tmp, self.crl_path)
+
+    async def _enforce_on_mosquitto(self, identity, revoked_ms):
+        """Mosquitto needs three things, none enough alone: a CRL (blocks new
+        handshakes of the known certificates), an ACL deny (the identity can
+        touch no topic, whatever certificate it presents) and a kick (ends
+        the live session; a CRL reload does not). The kick is a session
+        takeover: a throwaway certificate for the same identity connects,
+        Mosquitto closes the old connection, the throwaway is revoked too."""
+        import asyncio
+        from cloud.mosquitto import write_acl
+        mdir = self.mosquitto.data_dir
+        self._write_crl()
+        write_acl(mdir, denied=sorted(self.revoked))
+        self.mosquitto.reload()
+        own = self._credential_files(identity)
+        if own is not None:
+            refused = await _wait_refused(self, own, timeout_s=3)
+        else:
+            await asyncio.sleep(0.3)  # no certificate on file to probe the reload with
+            refused = None
+        kicked = await self._takeover(identity)
+        self._write_crl()
+        self.mosquitto.reload()
+        block_ms = max(0.0, float(clock_ms() - revoked_ms))
+        note = "CRL and ACL deny reloaded, session %s%s" % (
+            "taken over and closed" if kicked else "NOT confirmed closed",
+            "" if refused is None else ("; reconnect refused" if refused else "; reconnect NOT refused"))
+        if kicked and refused is not False:
+            self.registry.enforced(identity, block_ms, note)
+        else:
+            self.registry.not_enforced(identity, "NOT enforced: " + note)
+
+    def _credential_files(self, identity):
+        tenant, device = identity.split("/")
+        cert = os.path.join(self.data_dir, "devices", tenant, device + ".crt")
+        key = os.path.join(self.data_dir, "devices", tenant, device + ".key")
+        return (cert, key) if os.path.exists(cert) and os.path.exists(key) else None
+
+    async def _takeover(self, identity):
+        """Connect as `identity` with a throwaway certificate; True once
+        Mosquitto accepted it (it closes any older connection first)."""
+        import tempfile
+        tenant, device = identity.split("/")
+        cert_pem, key_pem = self.ca.issue_device(tenant, device, days=1)
+        self.registry.issued(identity, load_cert(cert_pem).serial_number, purpose="takeover")
+        with tempfile.TemporaryDirectory(dir=self.data_dir) as tmp:
+            cert, key = os.path.join(tmp, "t.crt"), os.path.join(tmp, "t.key")
+            write_public(cert, cert_pem)
+            write_private(key, key_pem)
+            return await _mqtt_accepted(self, (cert, key), identity)
 
     async def restart_broker(self, down_s=1.0):
         """Stop the broker, stay down for down_s, start it again."""

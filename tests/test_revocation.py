@@ -135,14 +135,39 @@ def test_revoke_command_against_a_running_cloud_and_the_audit_listing(tmp_path):
         proc.wait(20)
 
 
-def test_revoke_on_mosquitto_says_it_is_not_enforced_yet(tmp_path):
+async def test_mosquitto_revocation_needs_crl_acl_and_kick_and_gets_all_three(tmp_path):
     require_kind("mosquitto")
-    data, port = tmp_path / "cloud", free_port()
-    proc = serve(data, port, broker="mosquitto")
+    cloud = Cloud(tmp_path / "cloud", broker="mosquitto")
+    victim, bystander = cloud.issue_device("acme", "dev-1"), cloud.issue_device("acme", "dev-2")
+    await cloud.start()
     try:
-        out = subprocess.run(TETHER + ["cloud", "revoke", "tenant0/dev-00000", "--reason", "lost", "--by", "carol",
-                                       "--data", str(data)], cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 1 and "NOT enforced" in out.stdout, out.stdout + out.stderr
+        reader, writer, rc = await mqtt_connect(cloud, victim)
+        r2, w2, rc2 = await mqtt_connect(cloud, bystander)
+        assert rc == 0 and rc2 == 0
+        cloud.registry.revoke("acme/dev-1", "cloned", "dave")
+        assert await closed(reader, timeout_s=5), "a CRL reload alone would leave this session up"
+        for _ in range(50):
+            status = cloud.registry.status("acme/dev-1")
+            if status["enforced_ms"] is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert status["enforced_ms"] is not None, status
+        assert "session taken over and closed" in status["note"] and "reconnect refused" in status["note"]
+        try:                                     # its certificate is on the CRL now
+            _, w, rc = await mqtt_connect(cloud, victim)
+            w.close()
+            refused = False
+        except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+            refused = True
+        assert refused
+        acl = (tmp_path / "cloud" / "mosquitto" / "acl").read_text()
+        assert "user acme/dev-1\ntopic deny #" in acl  # any other certificate of it: no topic at all
+        w2.write(mqtt.pingreq())                 # the bystander is untouched
+        await w2.drain()
+        assert await asyncio.wait_for(r2.readexactly(2), 5) == b"\xd0\x00"
+        assert [a["action"] for a in cloud.registry.audit_rows(subject="acme/dev-1")] == \
+            ["revoke", "revocation_enforced"]
+        writer.close()
+        w2.close()
     finally:
-        proc.terminate()
-        proc.wait(20)
+        await cloud.stop()
