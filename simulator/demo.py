@@ -10,7 +10,7 @@ import time
 
 from agent import telemetry
 from cloud.service import Cloud
-from simulator import hostile, live
+from simulator import hostile, identity_drill, live
 from simulator.fleet import Fleet
 from simulator.report import render
 from simulator.verify import Check, summarize
@@ -60,15 +60,17 @@ async def run_demo(args):
 
         fleet.start()
         attacks = hostile.Attacks(cloud, creds[0])
+        drill = identity_drill.RevocationDrill(cloud)
         events = [(cut_at, cut), (cut_at + cut_for, restore), (restart_at, restart),
-                  (0.5 * d, attacks.run)]
+                  (0.5 * d, attacks.run), (0.55 * d, drill.run)]
         await fleet.run_for(d, events)
         view.say("sampling done; draining every device queue")
         drained = await fleet.drain(timeout_s=60)
         duration = fleet.elapsed_s()
         await cloud.ingest.stats()  # commits anything pending
         summary = summarize(fleet, cloud.store, duration, drained,
-                            extra_checks=attacks.checks(cloud))
+                            extra_checks=attacks.checks(cloud) + drill.checks())
+        summary["identity"] = dict(drill.section(), **attacks.identity_counts())
         summary["faults"] = {"network_cut_s": cut_for, "network_cut_at_s": round(cut_at, 1),
                              "broker_restart_at_s": round(restart_at, 1)}
         summary["broker"] = cloud.kind

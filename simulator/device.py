@@ -7,7 +7,7 @@ import struct
 
 from agent import events, mqtt, telemetry
 from agent.actions import Append, Connect, Log, Publish, WriteAtomic
-from agent.errors import MQTTError
+from agent.errors import LocalError, MQTTError
 from board.codec import CODEC
 from board.sim import SimFlash, SimRng
 from simulator.keys import KeySet
@@ -97,7 +97,12 @@ class VirtualDevice:
         self.schedule_tick()
 
     def feed(self, event):
-        self.execute(self.core.handle(event))
+        try:
+            actions = self.core.handle(event)
+        except LocalError as e:  # a driver bug: counted, and a failed check at the end
+            self.fleet.core_errors.append("%s: %s" % (self.identity, e))
+            return
+        self.execute(actions)
         self.generated[self.core.epoch] = self.core.next_seq
 
     def sample(self, readings):
@@ -156,6 +161,8 @@ class VirtualDevice:
                 ssl=self.ssl_context, server_hostname=self.fleet.server_name),
                 CONNECT_TIMEOUT_S)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:
+            if self.pending is not None:
+                self.pending.abort()  # it may have finished TLS just as we gave up
             self.lost("connect failed: %s" % (e.__class__.__name__,))
             return
         if not self.fleet.network_up and self.pending is not None:
@@ -179,7 +186,8 @@ class VirtualDevice:
             self.feed(events.PubAcked(token))
 
     def on_connack(self, link, packet):
-        if link is not self.pending or not self.fleet.network_up:
+        if link is not self.pending or not self.fleet.network_up or self.core.state != telemetry.CONNECTING:
+            # e.g. the connect timed out (the core was told) just as TLS finished
             self.note("unexpected_connack", "CONNACK on a connection not waiting for one")
             link.abort()
             return

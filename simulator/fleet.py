@@ -62,6 +62,7 @@ class Fleet:
         self.network_up = True
         self.closing = False
         self.sample_failures = 0
+        self.core_errors = []   # the agent core refused an event: a driver bug
         self.epoch_base = int(time.time()) - 1_700_000_000 if fresh_epochs else 0
         self.progress = progress or (lambda fleet, phase: None)
         self.rng = random.Random(seed)

@@ -114,6 +114,11 @@ class Attacks:
             return "accepted"
         return "inconclusive: no TLS refusal, got %r" % (data,)
 
+    def identity_counts(self):
+        """The connection-level attacks (identity controls) and how many were refused."""
+        tried = [self.results.get("no_client_cert"), self.results.get("foreign_ca")]
+        return {"attacks_tried": len(tried), "attacks_refused": sum(1 for r in tried if r == "refused")}
+
     def checks(self, cloud):
         if not self.results:
             return [Check("attacks ran", False, "the hostile client never ran")]

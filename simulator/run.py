@@ -83,6 +83,8 @@ def device_side_summary(fleet, duration_s, drained):
         Check("no sample refused", refused == 0, "%d samples refused by full queues" % refused),
         Check("every sample taken", fleet.sample_failures == 0,
               "%d samples failed in the device driver" % fleet.sample_failures),
+        Check("no agent core errors", not fleet.core_errors,
+              "; ".join(fleet.core_errors[:3]) or "the core never refused an event"),
     ]
     return {"devices": n, "duration_s": round(duration_s, 2), "verification": "device-side only (no --store)",
             "telemetry": {"generated": generated, "acked": acked, "stored": None, "duplicates_dropped": None,

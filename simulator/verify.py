@@ -90,6 +90,8 @@ def summarize(fleet, store, duration_s, drained, extra_checks=()):
               "%d samples refused by full queues that could declare no more drops" % telemetry["refused"]),
         Check("every sample taken", fleet.sample_failures == 0,
               "%d samples failed in the device driver" % fleet.sample_failures),
+        Check("no agent core errors", not fleet.core_errors,
+              "; ".join(fleet.core_errors[:3]) or "the core never refused an event"),
         Check("every device connected at the end", fleet.connected() == n,
               "%d of %d connected" % (fleet.connected(), n)),
     ]

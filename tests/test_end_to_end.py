@@ -44,7 +44,11 @@ async def test_demo_survives_network_cut_and_broker_restart(tmp_path, broker):
     assert t["declared_drops"] > 0, "small-queue devices must overflow during the cut"
     assert t["stored"] + t["declared_drops"] == t["generated"]
     assert t["dead_lettered"] == 4
-    assert set(summary) >= {"devices", "duration_s", "telemetry", "checks"}
+    assert set(summary) >= {"devices", "duration_s", "telemetry", "checks", "identity"}
+    ident = summary["identity"]
+    assert ident["revoked"] == 3 and ident["revoke_block_ms_max"] < 1000
+    assert ident["revoked_reconnects_refused"] == ident["revoked_reconnects_tried"] == 9
+    assert ident["attacks_refused"] == ident["attacks_tried"] == 2
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["telemetry"] == t
     report = (tmp_path / "report.html").read_text()
