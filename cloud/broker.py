@@ -30,6 +30,7 @@ import asyncio
 import collections
 import logging
 import ssl
+import time
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker as AmqttBroker
@@ -45,6 +46,9 @@ from cloud.errors import BrokerError, CloudError
 IDENTITY_KEY = "tether.identity"
 
 HANDSHAKE_TIMEOUT_S = 10.0
+CLONE_WINDOW_S = 60.0
+CLONE_TAKEOVERS_MAX = 3       # takeovers of one live identity within the window
+TAKEOVERS_TRACKED_MAX = 100_000
 PACKET_MAX_BYTES = 64 * 1024  # far above the 1 KiB telemetry limit; bounds memory per connection
 CONNECT_TIMEOUT_S = 10.0  # from TLS up to a CONNECT packet
 DRAIN_TIMEOUT_S = 5.0
@@ -63,6 +67,7 @@ R_TLS = "tls_failed"                  # tls: anything else (garbage, timeout, ol
 R_BAD_IDENTITY = "bad_identity"       # connect: CN is neither device nor cloud identity
 R_CLIENT_ID = "client_id_mismatch"    # connect
 R_NOT_AUTHORIZED = "not_authorized"   # connect: authorize() said no
+R_CLONE = "clone_suspected"           # connect: the identity keeps taking itself over
 R_NOT_PERMITTED = "not_permitted"     # publish / subscribe: ACL
 R_QOS = "qos_unsupported"             # publish: QoS 2
 
@@ -191,6 +196,8 @@ class Broker(AmqttBroker):
 
     on_publish: async (identity, topic, payload) -> None; raise to refuse.
     authorize: optional (identity) -> bool or awaitable bool, at CONNECT.
+    on_takeover: optional (identity, old_addr, new_addr, count, refused), called
+        when an identity connects while it is connected (see _clone_suspected).
     logger: receives refusals and failures as records with extra
         {"event": "broker.refused", "identity", "action", "topic", "reason"}.
     port: 0 picks a free port; `self.port` holds the real one after start()
@@ -198,7 +205,7 @@ class Broker(AmqttBroker):
     """
 
     def __init__(self, host, port, ca_path, cert_path, key_path, on_publish=None,
-                 authorize=None, logger=None, relay=False, refusals_max=REFUSALS_MAX,
+                 authorize=None, on_takeover=None, logger=None, relay=False, refusals_max=REFUSALS_MAX,
                  connections_max=CONNECTIONS_MAX, amqtt_log_level=logging.ERROR):
         if amqtt_log_level is not None:
             quiet_amqtt(amqtt_log_level)
@@ -206,6 +213,8 @@ class Broker(AmqttBroker):
         self.port = port
         self.on_publish = on_publish
         self.authorize = authorize
+        self.on_takeover = on_takeover  # (identity, old_addr, new_addr, count, refused)
+        self._takeovers = {}
         self.log = logger or _NULL_LOGGER  # amqtt owns self.logger
         self.relay = relay
         self.refusals = collections.deque(maxlen=refusals_max)
@@ -311,6 +320,28 @@ class Broker(AmqttBroker):
         await self._end_connection(identity)  # same identity again: the new connection wins
         return handler, await self._adopt_session(session)
 
+    def _clone_suspected(self, identity, session):
+        """The same identity connecting while it is connected is either a
+        device coming back over a half-open connection, or a clone. One such
+        takeover is allowed (and reported); CLONE_TAKEOVERS_MAX within
+        CLONE_WINDOW_S means two devices hold one identity: the newcomer is
+        refused, and refused again until the window passes."""
+        old, handler = self._sessions.get(identity, (None, None))
+        if old is None or handler is None or not old.transitions.is_connected():
+            return False
+        now = time.monotonic()
+        times = self._takeovers.setdefault(identity, collections.deque(maxlen=CLONE_TAKEOVERS_MAX))
+        while times and now - times[0] > CLONE_WINDOW_S:
+            times.popleft()
+        times.append(now)
+        if len(self._takeovers) > TAKEOVERS_TRACKED_MAX:
+            self._takeovers.pop(next(iter(self._takeovers)))
+        suspected = len(times) >= CLONE_TAKEOVERS_MAX
+        if self.on_takeover is not None:
+            self.on_takeover(identity, "%s:%s" % (old.remote_address, old.remote_port),
+                             "%s:%s" % (session.remote_address, session.remote_port), len(times), suspected)
+        return suspected
+
     async def _check_connect(self, session, writer):
         """The identity from the peer certificate; CONNACK-refuse and raise otherwise."""
         identity, reason, connack = None, None, NOT_AUTHORIZED
@@ -323,6 +354,8 @@ class Broker(AmqttBroker):
             reason, connack = R_CLIENT_ID, IDENTIFIER_REJECTED
         if reason is None and self.authorize is not None and not await _maybe_await(self.authorize(identity)):
             reason = R_NOT_AUTHORIZED
+        if reason is None and self._clone_suspected(identity, session):
+            reason = R_CLONE
         if reason is None:
             return identity
         self.refuse(identity, CONNECT, session.client_id, reason)

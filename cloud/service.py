@@ -120,7 +120,11 @@ class Cloud:
         self.mosquitto_ingest = None
         self.registry = Registry(self.store_path)
         self.revoked = set()
+        self.clones = set()      # identities seen connected twice at once, repeatedly
+        self._kicking = set()    # identities our revocation kick takes over (not clones)
+        self._mq_takeovers = {}
         self._watch = None
+        self._log_offset = 0
 
     # -- credentials ----------------------------------------------------------
 
@@ -159,13 +163,50 @@ class Cloud:
         if self.kind == "embedded":
             self.broker = Broker(self.host, self.port, self.ca_path, self.server_cert,
                                  self.server_key, on_publish=self._on_publish, logger=log,
-                                 authorize=lambda identity: identity not in self.revoked)
+                                 authorize=lambda identity: identity not in self.revoked,
+                                 on_takeover=self._takeover_seen)
             await self.broker.start()
         else:
             await self._start_mosquitto()
         await self.enforce_revocations()
         self._watch = asyncio.get_running_loop().create_task(self._watch_revocations())
         log.info("cloud up on %s:%d (%s broker)", self.host, self.port, self.kind)
+
+    def _takeover_seen(self, identity, old_addr, new_addr, count, refused):
+        """The same identity connected while connected: audited; repeated, a clone."""
+        if refused:
+            self.clones.add(identity)
+        self.registry.audit("broker", "clone_suspected" if refused else "session_takeover", identity,
+                            "the same identity connected twice at once",
+                            "%s took over from %s (%d in %d s)%s" % (
+                                new_addr, old_addr, count, 60, "; newcomer refused" if refused else ""))
+
+    def _scan_mosquitto_log(self):
+        """Mosquitto has no hook for a session takeover; it logs one. Read new
+        lines of its log and audit them like the embedded broker does."""
+        from cloud.broker import CLONE_TAKEOVERS_MAX, CLONE_WINDOW_S
+        try:
+            with open(self.mosquitto.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                chunk = f.read(1 << 20)
+        except OSError:
+            return
+        end = chunk.rfind(b"\n") + 1
+        self._log_offset += end
+        now = time.monotonic()
+        for line in chunk[:end].decode("utf-8", "replace").splitlines():
+            marker = " already connected, closing old connection"
+            if marker not in line or "Client " not in line:
+                continue
+            identity = line.split("Client ", 1)[1].split(marker)[0]
+            if identity in self._kicking:
+                continue  # our own revocation kick
+            times = [t for t in self._mq_takeovers.get(identity, []) if now - t <= CLONE_WINDOW_S] + [now]
+            self._mq_takeovers[identity] = times[-CLONE_TAKEOVERS_MAX:]
+            if len(self._mq_takeovers) > 100_000:
+                self._mq_takeovers.pop(next(iter(self._mq_takeovers)))
+            self._takeover_seen(identity, "earlier connection", "a new connection", len(times),
+                                len(times) >= CLONE_TAKEOVERS_MAX)
 
     async def _watch_revocations(self, every_s=0.05):
         """Revocations are recorded by `tether cloud revoke` (any process);
@@ -175,6 +216,8 @@ class Cloud:
             await asyncio.sleep(every_s)
             try:
                 await self.enforce_revocations()
+                if self.mosquitto is not None:
+                    self._scan_mosquitto_log()
             except Exception:  # never let the watcher die silently
                 log.exception("enforcing revocations failed; retrying")
 
@@ -200,6 +243,8 @@ class Cloud:
         from cloud.mosquitto import Mosquitto, MosquittoIngest
         mdir = os.path.join(self.data_dir, "mosquitto")
         os.makedirs(mdir, mode=0o700, exist_ok=True)
+        log_path = os.path.join(mdir, "mosquitto.log")
+        self._log_offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
         self.crl_path = os.path.join(mdir, "crl.pem")
         self._write_crl()
         self.mosquitto = Mosquitto.configure(mdir, self.host, self.port, self.ca_path,
@@ -242,6 +287,7 @@ class Cloud:
         else:
             await asyncio.sleep(0.3)  # no certificate on file to probe the reload with
             refused = None
+        self._kicking.add(identity)
         kicked = await self._takeover(identity)
         self._write_crl()
         self.mosquitto.reload()

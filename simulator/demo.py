@@ -71,6 +71,9 @@ async def run_demo(args):
         summary = summarize(fleet, cloud.store, duration, drained,
                             extra_checks=attacks.checks(cloud) + drill.checks())
         summary["identity"] = dict(drill.section(), **attacks.identity_counts())
+        tried, refused = drill.attacks()
+        summary["identity"]["attacks_tried"] += tried
+        summary["identity"]["attacks_refused"] += refused
         summary["faults"] = {"network_cut_s": cut_for, "network_cut_at_s": round(cut_at, 1),
                              "broker_restart_at_s": round(restart_at, 1)}
         summary["broker"] = cloud.kind

@@ -16,6 +16,8 @@ class RevocationDrill:
     def __init__(self, cloud):
         self.cloud = cloud
         self.creds = [cloud.issue_device("initech", "revoked-%d" % i) for i in range(VICTIMS)]
+        self.clone = cloud.issue_device("initech", "cloned-0")
+        self.clone_refused = False
         self.block_ms = []
         self.sessions_closed = 0
         self.tried = 0
@@ -65,7 +67,26 @@ class RevocationDrill:
                     self.refused += 1
                 except (OSError, asyncio.TimeoutError):
                     pass  # inconclusive: not counted as refused
+        await self._clone_attack()
         self.ran = True
+
+    async def _clone_attack(self, rounds=4):
+        """Two devices with one certificate keep taking each other over."""
+        writers = []
+        for _ in range(rounds):
+            try:
+                _, writer, rc = await self._connect(self.clone)
+                writers.append(writer)
+                self.clone_refused = self.clone_refused or rc != 0
+            except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+        for _ in range(40):  # Mosquitto's takeovers are read from its log
+            if "initech/cloned-0" in self.cloud.clones:
+                break
+            await asyncio.sleep(0.1)
+        for writer in writers:
+            writer.close()
 
     async def _enforced(self, identity, timeout_s=5):
         for _ in range(int(timeout_s / 0.05)):
@@ -77,7 +98,12 @@ class RevocationDrill:
 
     def section(self):
         return {"revoked": VICTIMS, "revoke_block_ms_max": max(self.block_ms) if self.block_ms else None,
-                "revoked_reconnects_tried": self.tried, "revoked_reconnects_refused": self.refused}
+                "revoked_reconnects_tried": self.tried, "revoked_reconnects_refused": self.refused,
+                "clones_detected": len(self.cloud.clones)}
+
+    def attacks(self):
+        """(tried, refused) for the identity attacks run here: the clone."""
+        return 1, 1 if self.clone_refused else 0
 
     def checks(self):
         worst = max(self.block_ms) if self.block_ms else None
@@ -86,6 +112,10 @@ class RevocationDrill:
                   "%d of %d sessions closed" % (self.sessions_closed, VICTIMS)),
             Check("revocation enforced within 1 s", worst is not None and len(self.block_ms) == VICTIMS
                   and worst < 1000, "worst %s ms over %d revocations" % (worst, len(self.block_ms))),
+            Check("cloned identity detected and audited", "initech/cloned-0" in self.cloud.clones and any(
+                a["action"] == "clone_suspected" for a in self.cloud.registry.audit_rows(subject="initech/cloned-0")),
+                  "%s; newcomer %s" % ("detected" if "initech/cloned-0" in self.cloud.clones else "NOT detected",
+                                       "refused" if self.clone_refused else "flagged, not refused (Mosquitto)")),
             Check("revoked devices refused on reconnect", self.tried == VICTIMS * RETRIES
                   and self.refused == self.tried, "%d of %d reconnects refused" % (self.refused, self.tried)),
         ]

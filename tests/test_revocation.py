@@ -171,3 +171,53 @@ async def test_mosquitto_revocation_needs_crl_acl_and_kick_and_gets_all_three(tm
         w2.close()
     finally:
         await cloud.stop()
+
+
+async def cloned_pair_fights(cloud, cred, rounds=4):
+    """Two devices holding one identity take each other over, again and again."""
+    results, writers = [], []
+    for _ in range(rounds):
+        try:
+            _, w, rc = await mqtt_connect(cloud, cred)
+            writers.append(w)  # keep it open: a clone does not hang up
+            results.append(rc)
+            await asyncio.sleep(0.05)
+        except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+            results.append("closed")
+    for w in writers:
+        w.close()
+    return results
+
+
+async def test_cloned_identity_is_refused_and_audited_on_the_embedded_broker(tmp_path):
+    cloud = Cloud(tmp_path / "cloud")
+    cred = cloud.issue_device("acme", "dev-1")
+    await cloud.start()
+    try:
+        results = await cloned_pair_fights(cloud, cred, rounds=5)
+        assert results[:3] == [0, 0, 0], results      # first connect and two takeovers
+        assert results[3:] == [5, 5], results         # then: two devices, one identity: refused
+        audit = [a["action"] for a in cloud.registry.audit_rows(subject="acme/dev-1")]
+        assert audit.count("session_takeover") == 2 and audit.count("clone_suspected") == 2
+        assert "acme/dev-1" in cloud.clones
+        assert any(r.reason == "clone_suspected" for r in cloud.broker.refusals)
+    finally:
+        await cloud.stop()
+
+
+async def test_cloned_identity_is_flagged_and_audited_on_mosquitto(tmp_path):
+    require_kind("mosquitto")
+    cloud = Cloud(tmp_path / "cloud", broker="mosquitto")
+    cred = cloud.issue_device("acme", "dev-1")
+    await cloud.start()
+    try:
+        await cloned_pair_fights(cloud, cred, rounds=4)
+        for _ in range(40):
+            if "acme/dev-1" in cloud.clones:
+                break
+            await asyncio.sleep(0.1)
+        assert "acme/dev-1" in cloud.clones
+        audit = [a["action"] for a in cloud.registry.audit_rows(subject="acme/dev-1")]
+        assert "clone_suspected" in audit and "session_takeover" in audit
+    finally:
+        await cloud.stop()
