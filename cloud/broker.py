@@ -98,15 +98,20 @@ def quiet_amqtt(level=logging.ERROR):
         logging.getLogger(name).setLevel(level)
 
 
-def permits(identity, action, topic):
-    """The ACL: may `identity` publish / subscribe / receive `topic`?"""
+def permits(identity, action, topic, quarantined=False):
+    """The ACL: may `identity` publish / subscribe / receive `topic`? A
+    quarantined device keeps its telemetry topic (the ingest flags what it
+    sends) and gains the quarantine topics, diagnostics out and updates in;
+    it loses its command topic."""
     if identity == INGEST_IDENTITY:
         return action in (SUBSCRIBE, RECEIVE) and topic.split("/")[0] == "t"
     if is_cloud_identity(identity):
         return False
     if action == PUBLISH:
-        return topic == "t/%s/telemetry" % identity
+        return topic == "t/%s/telemetry" % identity or (quarantined and topic == "q/%s/diag" % identity)
     if action in (SUBSCRIBE, RECEIVE):
+        if quarantined:
+            return topic == "q/%s/update" % identity
         return topic == "t/%s/cmd" % identity
     return False
 
@@ -214,6 +219,7 @@ class Broker(AmqttBroker):
         self.on_publish = on_publish
         self.authorize = authorize
         self.on_takeover = on_takeover  # (identity, old_addr, new_addr, count, refused)
+        self.quarantined = frozenset()  # identities confined to quarantine topics
         self._takeovers = {}
         self.log = logger or _NULL_LOGGER  # amqtt owns self.logger
         self.relay = relay
@@ -408,7 +414,7 @@ class Broker(AmqttBroker):
 
     async def _topic_filtering(self, session, topic, action):
         identity = session.attributes.get(IDENTITY_KEY)
-        allowed = identity is not None and permits(identity, action, topic)
+        allowed = identity is not None and permits(identity, action, topic, identity in self.quarantined)
         if not allowed and action == SUBSCRIBE:
             self.refuse(identity, SUBSCRIBE, topic, R_NOT_PERMITTED)
         return allowed
@@ -418,7 +424,7 @@ class Broker(AmqttBroker):
         identity = session.attributes.get(IDENTITY_KEY)
         if not self._admitting:
             return FAILED  # stopping: not acknowledged, sent again after restart
-        if identity is None or not permits(identity, PUBLISH, message.topic):
+        if identity is None or not permits(identity, PUBLISH, message.topic, identity in self.quarantined):
             self.refuse(identity, PUBLISH, message.topic, R_NOT_PERMITTED)
             return REFUSED
         if self.on_publish is None:

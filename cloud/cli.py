@@ -56,6 +56,16 @@ def build_parser():
     rv.add_argument("--by", default=None, help="who (default: $USER)")
     rv.add_argument("--data", default="tether-cloud", help="the cloud's data directory")
     rv.add_argument("--wait", type=float, default=5.0, help="seconds to wait for enforcement (default 5)")
+    for name, text in (("quarantine", "confine a device: it stays connected, its telemetry is flagged and "
+                                      "kept apart, it may use only the quarantine topics (diagnostics, updates)"),
+                       ("release", "end a device's quarantine")):
+        q = csub.add_parser(name, help=text.split(":")[0], description=text[0].upper() + text[1:] +
+                            ". Recorded with who and why in the audit trail; the running cloud applies it "
+                            "at once on either broker.")
+        q.add_argument("device", metavar="TENANT/DEVICE")
+        q.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+        q.add_argument("--by", default=None, help="who (default: $USER)")
+        q.add_argument("--data", default="tether-cloud", help="the cloud's data directory")
     au = csub.add_parser("audit", help="list audited identity operations",
                          description="List the audit trail: who did what to which identity, when and why.")
     au.add_argument("--data", default="tether-cloud", help="the cloud's data directory")
@@ -98,7 +108,7 @@ def main(argv=None):
     if args.command == "cloud" and args.cloud_command == "serve":
         from cloud.serve import main as serve_main
         return serve_main(args)
-    if args.command == "cloud" and args.cloud_command in ("revoke", "audit"):
+    if args.command == "cloud" and args.cloud_command in ("revoke", "audit", "quarantine", "release"):
         from cloud import identity_cli
         return getattr(identity_cli, args.cloud_command)(args)
     if args.command == "sim" and args.sim_command == "run":

@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL, subject TEXT NOT NULL, reason TEXT NOT NULL,
     detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_by_subject ON audit (subject, id);
+CREATE TABLE IF NOT EXISTS quarantine (
+    identity TEXT PRIMARY KEY, reason TEXT NOT NULL, actor TEXT NOT NULL, since_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY, identity TEXT NOT NULL, issued_ms INTEGER NOT NULL,
     purpose TEXT NOT NULL);
@@ -74,6 +76,33 @@ class Registry:
         names = ("id", "ts_ms", "actor", "action", "subject", "reason", "detail")
         return [dict(zip(names, row)) for row in self._db.execute(sql, args)]
 
+    # -- quarantine -------------------------------------------------------------
+
+    def quarantine(self, identity, reason, actor):
+        """Confine the device: it stays connected, its telemetry is flagged
+        and kept apart, it may only use the quarantine topics. Audited."""
+        self._require(identity, reason, actor)
+        cur = self._db.execute("INSERT OR IGNORE INTO quarantine VALUES (?, ?, ?, ?)",
+                               (identity, reason, actor, self.clock_ms()))
+        if cur.rowcount:
+            self.audit(actor, "quarantine", identity, reason)
+        return bool(cur.rowcount)
+
+    def release(self, identity, reason, actor):
+        self._require(identity, reason, actor)
+        cur = self._db.execute("DELETE FROM quarantine WHERE identity = ?", (identity,))
+        if cur.rowcount:
+            self.audit(actor, "release", identity, reason)
+        return bool(cur.rowcount)
+
+    def quarantined(self):
+        return frozenset(row[0] for row in self._db.execute("SELECT identity FROM quarantine"))
+
+    def _require(self, identity, reason, actor):
+        parse_identity(identity)
+        if not reason or not actor:
+            raise IdentityError("an audited operation needs who (actor) and why (reason)")
+
     # -- certificates -----------------------------------------------------------
 
     def issued(self, identity, serial, purpose="device"):
@@ -91,9 +120,7 @@ class Registry:
     def revoke(self, identity, reason, actor):
         """Record the revocation (idempotent) and audit it. Enforcement is
         the running cloud's job (`pending()` / `enforced()`)."""
-        parse_identity(identity)  # raises for anything that is not tenant/device
-        if not reason or not actor:
-            raise IdentityError("revocation needs --reason and an actor")
+        self._require(identity, reason, actor)
         cur = self._db.execute(
             "INSERT OR IGNORE INTO revocations (identity, reason, actor, revoked_ms)"
             " VALUES (?, ?, ?, ?)", (identity, reason, actor, self.clock_ms()))

@@ -45,6 +45,35 @@ def revoke(args):
     return 1
 
 
+def quarantine(args):
+    return _confine(args, "quarantine")
+
+
+def release(args):
+    return _confine(args, "release")
+
+
+def _confine(args, op):
+    registry = _registry(args.data)
+    if registry is None:
+        return 2
+    actor = args.by or os.environ.get("USER") or getpass.getuser()
+    try:
+        changed = getattr(registry, op)(args.device, args.reason, actor)
+    except CloudError as e:
+        print("tether cloud %s: %s" % (op, e), file=sys.stderr)
+        return 2
+    finally:
+        registry.close()
+    if op == "quarantine":
+        print("%s %s (by %s: %s)" % ("quarantined" if changed else "already quarantined", args.device, actor,
+                                     args.reason))
+    else:
+        print("%s %s (by %s: %s)" % ("released" if changed else "was not quarantined:", args.device, actor,
+                                     args.reason))
+    return 0
+
+
 def audit(args):
     registry = _registry(args.data)
     if registry is None:

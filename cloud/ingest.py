@@ -400,8 +400,9 @@ class Ingest:
     """Synchronous ingest over one `Store`. Single-threaded, single writer."""
 
     def __init__(self, store, clock_ms, limits=None, max_payload=1024,
-                 batch_max=512, streams_max=100_000, gaps_per_stream_max=4096):
+                 batch_max=512, streams_max=100_000, gaps_per_stream_max=4096, flag_of=None):
         self.store = store
+        self._flag_of = flag_of  # (tenant, device) -> flag text or None (quarantine)
         self._clock_ms = clock_ms
         self._limits = limits                   # None: no rate limits
         self._max_payload = max_payload
@@ -528,6 +529,10 @@ class Ingest:
             record.ts_ms, received_ms, cbor2.dumps(record.body, canonical=True)))
         batch.devices.setdefault((tenant, record.device), received_ms)
         batch.count(tenant, STORED)
+        flag = self._flag_of(tenant, record.device) if self._flag_of is not None else None
+        if flag:
+            batch.flagged.append((tenant, record.device, record.epoch, record.seq, flag))
+            batch.count(tenant, "flagged")
 
     def _stream(self, tenant, device, epoch):
         key = (tenant, device, epoch)

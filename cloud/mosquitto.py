@@ -73,7 +73,7 @@ def find_mosquitto():
     return None
 
 
-def acl_text(extra=(), denied=()):
+def acl_text(extra=(), denied=(), quarantined=()):
     """The ACL of docs/design.md; `extra` lines are appended (tests add a cmd
     sender); each `denied` identity (revoked) may touch no topic at all,
     whatever certificate it comes with (deny is checked before any grant)."""
@@ -88,6 +88,10 @@ def acl_text(extra=(), denied=()):
     text += "".join(line + "\n" for line in extra)
     for identity in sorted(denied):
         text += "\n# revoked\nuser %s\ntopic deny #\n" % identity
+    for identity in sorted(set(quarantined) - set(denied)):
+        text += ("\n# quarantined: telemetry (flagged by the ingest), diagnostics out, updates in\n"
+                 "user %s\ntopic deny t/%s/cmd\ntopic write q/%s/diag\ntopic read q/%s/update\n"
+                 % (identity, identity, identity, identity))
     return text
 
 
@@ -138,12 +142,12 @@ def config_text(data_dir, host, port, ca_path, cert_path, key_path,
     return "\n".join(lines) + "\n"
 
 
-def write_acl(data_dir, extra=(), denied=()):
+def write_acl(data_dir, extra=(), denied=(), quarantined=()):
     """(Re)write the ACL file; a running Mosquitto rereads it on reload()."""
     path = os.path.join(os.path.abspath(data_dir), ACL_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(acl_text(extra, denied))
+        f.write(acl_text(extra, denied, quarantined))
     os.replace(tmp, path)
 
 
@@ -155,7 +159,7 @@ def write_config(data_dir, host, port, ca_path, cert_path, key_path, acl_extra=(
     """
     data_dir = os.path.abspath(data_dir)
     os.makedirs(os.path.join(data_dir, DB_DIR), exist_ok=True)
-    write_acl(data_dir, acl_extra, options.pop("denied", ()))
+    write_acl(data_dir, acl_extra, options.pop("denied", ()), options.pop("quarantined", ()))
     conf_path = os.path.join(data_dir, CONF_FILE)
     with open(conf_path, "w") as f:
         f.write(config_text(data_dir, host, port, ca_path, cert_path, key_path, **options))

@@ -121,6 +121,7 @@ class Cloud:
         self.registry = Registry(self.store_path)
         self.revoked = set()
         self.clones = set()      # identities seen connected twice at once, repeatedly
+        self.quarantined = frozenset()
         self._kicking = set()    # identities our revocation kick takes over (not clones)
         self._mq_takeovers = {}
         self._watch = None
@@ -159,18 +160,38 @@ class Cloud:
         if self.kind == "embedded":
             self.registry.retry_unenforced()
         limits = self.limits if self.limits is not None else default_limits()
-        self.ingest = AsyncIngest(Ingest(self.store, clock_ms, limits=limits))
+        self.quarantined = self.registry.quarantined()
+        self.ingest = AsyncIngest(Ingest(self.store, clock_ms, limits=limits, flag_of=self._flag_of))
         if self.kind == "embedded":
             self.broker = Broker(self.host, self.port, self.ca_path, self.server_cert,
                                  self.server_key, on_publish=self._on_publish, logger=log,
                                  authorize=lambda identity: identity not in self.revoked,
                                  on_takeover=self._takeover_seen)
+            self.broker.quarantined = self.quarantined
             await self.broker.start()
         else:
             await self._start_mosquitto()
         await self.enforce_revocations()
         self._watch = asyncio.get_running_loop().create_task(self._watch_revocations())
         log.info("cloud up on %s:%d (%s broker)", self.host, self.port, self.kind)
+
+    def _flag_of(self, tenant, device):
+        """Called by the ingest (its worker thread) for each stored record."""
+        return "quarantine" if "%s/%s" % (tenant, device) in self.quarantined else None
+
+    async def sync_quarantine(self):
+        """Apply quarantines and releases recorded by any process."""
+        now = self.registry.quarantined()
+        if now == self.quarantined:
+            return
+        self.quarantined = now
+        if self.broker is not None:
+            self.broker.quarantined = now
+        if self.mosquitto is not None:
+            from cloud.mosquitto import write_acl
+            write_acl(self.mosquitto.data_dir, denied=sorted(self.revoked), quarantined=sorted(now))
+            self.mosquitto.reload()
+        log.info("quarantine now holds %d devices", len(now))
 
     def _takeover_seen(self, identity, old_addr, new_addr, count, refused):
         """The same identity connected while connected: audited; repeated, a clone."""
@@ -216,6 +237,7 @@ class Cloud:
             await asyncio.sleep(every_s)
             try:
                 await self.enforce_revocations()
+                await self.sync_quarantine()
                 if self.mosquitto is not None:
                     self._scan_mosquitto_log()
             except Exception:  # never let the watcher die silently
@@ -249,7 +271,8 @@ class Cloud:
         self._write_crl()
         self.mosquitto = Mosquitto.configure(mdir, self.host, self.port, self.ca_path,
                                              self.server_cert, self.server_key, logger=log,
-                                             crl_path=self.crl_path, denied=sorted(self.revoked))
+                                             crl_path=self.crl_path, denied=sorted(self.revoked),
+                                             quarantined=sorted(self.quarantined))
         await self.mosquitto.start()
         idir = os.path.join(self.data_dir, "ingest")
         os.makedirs(idir, mode=0o700, exist_ok=True)
@@ -279,7 +302,7 @@ class Cloud:
         from cloud.mosquitto import write_acl
         mdir = self.mosquitto.data_dir
         self._write_crl()
-        write_acl(mdir, denied=sorted(self.revoked))
+        write_acl(mdir, denied=sorted(self.revoked), quarantined=sorted(self.quarantined))
         self.mosquitto.reload()
         own = self._credential_files(identity)
         if own is not None:
@@ -325,6 +348,7 @@ class Cloud:
         if self.kind == "embedded":
             await self.broker.stop()
             await asyncio.sleep(down_s)
+            self.broker.quarantined = self.quarantined
             await self.broker.start()
         else:
             await self.mosquitto.stop()

@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     topic TEXT NOT NULL, payload BLOB NOT NULL, reason TEXT NOT NULL,
     detail TEXT NOT NULL, received_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS dead_letters_by_tenant ON dead_letters (tenant, id);
+CREATE TABLE IF NOT EXISTS flagged (
+    tenant TEXT NOT NULL, device TEXT NOT NULL, epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL, flag TEXT NOT NULL,
+    PRIMARY KEY (tenant, device, epoch, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
     tenant TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (tenant, name)) WITHOUT ROWID;
@@ -62,6 +66,10 @@ CREATE TABLE IF NOT EXISTS counters (
 
 _INSERT_TELEMETRY = "INSERT OR IGNORE INTO telemetry VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_DEVICE = "INSERT OR IGNORE INTO devices VALUES (?, ?, ?)"
+_INSERT_FLAGGED = "INSERT OR IGNORE INTO flagged VALUES (?, ?, ?, ?, ?)"
+_NOT_FLAGGED = (" AND NOT EXISTS (SELECT 1 FROM flagged f WHERE f.tenant = telemetry.tenant"
+                " AND f.device = telemetry.device AND f.epoch = telemetry.epoch"
+                " AND f.seq = telemetry.seq)")
 _INSERT_DEAD = (
     "INSERT INTO dead_letters (tenant, identity, topic, payload, reason, detail,"
     " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)")
@@ -115,6 +123,7 @@ class Batch:
     def __init__(self):
         self.devices = {}       # (tenant, device) -> created_ms
         self.telemetry = []     # rows in _INSERT_TELEMETRY column order
+        self.flagged = []       # rows in _INSERT_FLAGGED column order (quarantine)
         self.dead_letters = []  # rows in _INSERT_DEAD column order
         self.missing = {}       # id(MissingRange) -> MissingRange, touched
         self.counters = {}      # (tenant, name) -> delta
@@ -180,6 +189,7 @@ class Store:
             db.executemany(_INSERT_DEVICE, [
                 (t, d, ms) for (t, d), ms in batch.devices.items()])
             db.executemany(_INSERT_TELEMETRY, batch.telemetry)
+            db.executemany(_INSERT_FLAGGED, batch.flagged)
             db.executemany(_INSERT_DEAD, batch.dead_letters)
             self._write_missing(batch.missing.values())
             db.executemany(_ADD_COUNTER, [
@@ -240,9 +250,13 @@ class TenantView:
             "SELECT device, created_ms FROM devices WHERE tenant = ?"
             " ORDER BY device", (self.tenant_id,))]
 
-    def telemetry(self, device=None, epoch=None, limit=ROWS_MAX):
+    def telemetry(self, device=None, epoch=None, limit=ROWS_MAX, include_flagged=False):
+        """Telemetry rows. Rows flagged at ingest (sent while the device was
+        quarantined) are kept apart: left out unless include_flagged."""
         sql = ("SELECT device, epoch, seq, kind, ts_ms, received_ms, readings"
                " FROM telemetry WHERE tenant = ?")
+        if not include_flagged:
+            sql += _NOT_FLAGGED
         args = [self.tenant_id]
         if device is not None:
             sql += " AND device = ?"
@@ -253,6 +267,17 @@ class TenantView:
         sql += " ORDER BY device, epoch, seq LIMIT ?"
         args.append(_limit(limit))
         return [_telemetry_dict(row) for row in self._db.execute(sql, args)]
+
+    def flagged(self, device=None, limit=ROWS_MAX):
+        """(epoch, seq, flag) of this tenant's flagged telemetry rows."""
+        sql = "SELECT device, epoch, seq, flag FROM flagged WHERE tenant = ?"
+        args = [self.tenant_id]
+        if device is not None:
+            sql += " AND device = ?"
+            args.append(device)
+        sql += " ORDER BY device, epoch, seq LIMIT ?"
+        args.append(_limit(limit))
+        return [dict(zip(("device", "epoch", "seq", "flag"), row)) for row in self._db.execute(sql, args)]
 
     def count_telemetry(self, device=None):
         sql = "SELECT COUNT(*) FROM telemetry WHERE tenant = ?"

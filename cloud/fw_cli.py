@@ -1,0 +1,289 @@
+"""`tether fw`: firmware release keys, manifests, signatures, verification.
+
+    add_parser(subparsers)   adds `fw` and its subcommands to tether's parser
+    main(args) -> int        runs the parsed `fw` command
+    _standalone(argv)        the same without cloud/cli.py (tests, recipes)
+
+Exit codes: 0 done / verified, 1 the bundle is refused (the reason code is
+printed), 2 usage or an input the tool cannot use.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+from agent import manifest as mf
+from agent.errors import RemoteError
+from cloud import firmware
+from cloud.firmware import FirmwareError
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+Signed firmware releases. A release is a payload plus a bundle: the manifest
+(hardware class, version, security version, size, SHA-256 of the payload and
+of each 4 KiB chunk, expiry, rollout id), signed by k or more release keys,
+with the release key set signed by the offline root key. Devices trust only
+the root public key.
+
+  tether fw keygen --out keys --name root
+  tether fw keygen --out keys --name release-1     (and release-2, release-3)
+  tether fw keyset --root keys/root.key --release keys/release-*.pub --version 1 --out keyset.cose
+  tether fw build --payload app.bin --hw-class sim-v1 --version 1.2.0 --security-version 3 \\
+                  --expires-in-days 90 --rollout-id r1 --out app.manifest
+  tether fw sign --manifest app.manifest --key keys/release-1.key --key keys/release-2.key \\
+                 --keyset keyset.cose --out app.bundle
+  tether fw verify --bundle app.bundle --payload app.bin --root keys/root.pub --k 2 \\
+                   --hw-class sim-v1 --security-version 3
+  tether fw inspect --bundle app.bundle
+"""
+
+
+def add_parser(subparsers):
+    """Add `fw` (with keygen, keyset, build, sign, verify, inspect) to subparsers."""
+    fw = subparsers.add_parser("fw", help="firmware release keys, manifests, signatures",
+                               description=DESCRIPTION,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = fw.add_subparsers(dest="fw_command", metavar="FW_COMMAND")
+    _add_keygen(sub)
+    _add_keyset(sub)
+    _add_build(sub)
+    _add_sign(sub)
+    _add_verify(sub)
+    _add_inspect(sub)
+    fw.set_defaults(fw_parser=fw)
+    return fw
+
+
+def _add_keygen(sub):
+    p = sub.add_parser("keygen", help="make a P-256 key pair (root or release)",
+                       description="Write NAME.key (PKCS#8 PEM, mode 0600) and NAME.pub (PEM) into "
+                       "DIR and print the key's kid (first 8 bytes of SHA-256 of the public point). "
+                       "Refuses to overwrite. Keep the root key offline.")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the key files")
+    p.add_argument("--name", default="release-1", help="file name stem: root, release-N, ... "
+                   "(default release-1)")
+
+
+def _add_keyset(sub):
+    p = sub.add_parser("keyset", help="sign the list of release keys with the root key",
+                       description="Write a key set: the release public keys and the kids revoked, "
+                       "with a version, signed by the root key (COSE_Sign1). Devices refuse a set "
+                       "older than one they have seen, so give each new set a higher version.")
+    p.add_argument("--root", required=True, metavar="KEY", help="root private key")
+    p.add_argument("--release", required=True, nargs="+", metavar="PUB", help="release public keys")
+    p.add_argument("--revoke", nargs="+", default=[], metavar="PUB_OR_KID",
+                   help="release keys to revoke: public key files or 16-hex-digit kids")
+    p.add_argument("--version", required=True, type=_uint, help="set version (monotonic)")
+    p.add_argument("--out", required=True, metavar="FILE")
+
+
+def _add_build(sub):
+    p = sub.add_parser("build", help="make the manifest of a payload (deterministic)",
+                       description="Hash the payload (whole, and per 4 KiB chunk) and write the "
+                       "manifest as deterministic CBOR. The same inputs give the same bytes; a "
+                       "relative expiry counts from --now (default $SOURCE_DATE_EPOCH, else the clock).")
+    p.add_argument("--payload", required=True, metavar="FILE", help="the firmware image")
+    p.add_argument("--hw-class", required=True, help="hardware class the image is for, e.g. sim-v1")
+    p.add_argument("--version", required=True, help="release version text, e.g. 1.2.0")
+    p.add_argument("--security-version", required=True, type=_uint,
+                   help="anti-rollback counter; devices refuse anything below theirs")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--expires-in-days", type=float, metavar="D")
+    when.add_argument("--expires-at", type=_uint, metavar="UNIX_S", help="absolute expiry")
+    p.add_argument("--now", type=_uint, metavar="UNIX_S", help="base for --expires-in-days")
+    p.add_argument("--rollout-id", required=True, help="rollout this release belongs to")
+    p.add_argument("--out", required=True, metavar="MANIFEST")
+
+
+def _add_sign(sub):
+    p = sub.add_parser("sign", help="sign a manifest with release keys into a bundle",
+                       description="Sign the manifest with each release key (COSE_Sign1, ES256) "
+                       "and write a bundle holding the key set and the signatures. Every key must "
+                       "be in the key set. Signatures are deterministic (RFC 6979).")
+    p.add_argument("--manifest", required=True, metavar="M")
+    p.add_argument("--key", required=True, action="append", metavar="K",
+                   help="release private key; repeat for each signer")
+    p.add_argument("--keyset", required=True, metavar="FILE", help="key set from `tether fw keyset`")
+    p.add_argument("--out", required=True, metavar="BUNDLE")
+
+
+def _add_verify(sub):
+    p = sub.add_parser("verify", help="check a bundle and payload as a device would",
+                       description="Run the device's checks (agent/manifest.py): key set signed by "
+                       "the root, k distinct current release signers, hardware class, security "
+                       "version, expiry, then the payload chunk by chunk and whole. Exit 0 when "
+                       "accepted, 1 with the reason code when refused.")
+    p.add_argument("--bundle", required=True, metavar="B")
+    p.add_argument("--payload", required=True, metavar="FILE")
+    p.add_argument("--root", required=True, metavar="PUB", help="root public key")
+    p.add_argument("--k", type=int, default=2, help="release signers required (default 2)")
+    p.add_argument("--hw-class", required=True, help="the device's hardware class")
+    p.add_argument("--security-version", type=_uint, default=0, help="the device's current one")
+    p.add_argument("--keyset-version-seen", type=_uint, default=0,
+                   help="newest key set version the device has accepted (default 0)")
+    p.add_argument("--now", type=_uint, metavar="UNIX_S", help="the device's clock (default: now)")
+
+
+def _add_inspect(sub):
+    p = sub.add_parser("inspect", help="show a bundle, manifest or key set (not verified)",
+                       description="Print what a bundle (or a manifest, or a key set) says, "
+                       "without checking signatures: use `tether fw verify` for that.")
+    p.add_argument("--bundle", required=True, metavar="B")
+    p.add_argument("--json", action="store_true", help="JSON instead of text")
+
+
+def _uint(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r is not a non-negative integer" % text)
+    return value
+
+
+# ---------------------------------------------------------------- commands
+
+def main(args):
+    command = COMMANDS.get(getattr(args, "fw_command", None))
+    if command is None:
+        args.fw_parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return command(args)
+    except FirmwareError as e:
+        print("tether fw %s: %s" % (args.fw_command, e.message), file=sys.stderr)
+        return EXIT_USAGE
+
+
+def keygen(args):
+    if not args.name or args.name.strip("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") \
+            or args.name.startswith("."):
+        raise FirmwareError("--name must be letters, digits, '.', '_' or '-' (not leading '.')")
+    key_path, pub_path, kid = firmware.write_keypair(args.out, args.name)
+    print("kid %s\nprivate %s (mode 0600)\npublic  %s" % (kid.hex(), key_path, pub_path))
+    return EXIT_OK
+
+
+def keyset(args):
+    root = firmware.load_private_key(args.root)
+    releases = [firmware.load_public_key(path) for path in args.release]
+    revoked = [_kid(text) for text in args.revoke]
+    message = firmware.make_keyset(root, releases, args.version, revoked)
+    firmware.write_file(args.out, message)
+    print("key set version %d: %d release keys, %d revoked, signed by root %s -> %s"
+          % (args.version, len(releases), len(revoked), firmware.kid_of(root).hex(), args.out))
+    return EXIT_OK
+
+
+def _kid(text):
+    if len(text) == 16 and not os.path.exists(text):
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    return mf.fingerprint(firmware.load_public_key(text))
+
+
+def build(args):
+    payload = firmware.read_file(args.payload, "payload")
+    if args.expires_at is not None:
+        expires_s = args.expires_at
+    else:
+        now_s = args.now if args.now is not None else int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
+        expires_s = now_s + int(args.expires_in_days * 86400)
+    data = firmware.build_manifest(payload, args.hw_class, args.version, args.security_version,
+                                   expires_s, args.rollout_id)
+    firmware.write_file(args.out, data)
+    print("manifest %s: %s %s, security version %d, %d bytes in %d chunks, expires %d -> %s"
+          % (hashlib.sha256(data).hexdigest()[:16], args.hw_class, args.version,
+             args.security_version, len(payload), mf.chunk_count(len(payload)), expires_s, args.out))
+    return EXIT_OK
+
+
+def sign(args):
+    manifest_bytes = firmware.read_file(args.manifest, "manifest")
+    keys = [firmware.load_private_key(path) for path in args.key]
+    keyset_message = firmware.read_file(args.keyset, "key set")
+    bundle = firmware.sign_bundle(manifest_bytes, keys, keyset_message)
+    firmware.write_file(args.out, bundle)
+    print("bundle: %d signatures (%s), %d bytes -> %s"
+          % (len(keys), ", ".join(sorted(firmware.kid_of(k).hex() for k in keys)), len(bundle), args.out))
+    return EXIT_OK
+
+
+def verify(args):
+    bundle = firmware.read_file(args.bundle, "bundle")
+    root = firmware.load_public_key(args.root)
+    now_s = args.now if args.now is not None else int(time.time())
+    if not 1 <= args.k <= mf.SIGNERS_MAX:
+        raise FirmwareError("--k must be 1..%d" % mf.SIGNERS_MAX)
+    try:
+        m = firmware.verify_bundle(bundle, args.payload, root, args.k, args.hw_class,
+                                   args.security_version, now_s, args.keyset_version_seen)
+    except RemoteError as e:
+        print("refused: %s: %s" % (e.code, e.message))
+        return EXIT_REFUSED
+    print("ok: %s %s (security version %d, rollout %s), %d bytes verified, key set version %d"
+          % (m.hw_class, m.version, m.security_version, m.rollout_id, m.size, m.keyset_version))
+    return EXIT_OK
+
+
+def inspect(args):
+    data = firmware.read_file(args.bundle, "bundle")
+    try:
+        info = firmware.describe(data)
+    except RemoteError as e:
+        print("malformed: %s: %s" % (e.code, e.message))
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print(_text(info))
+    return EXIT_OK
+
+
+def _text(info):
+    lines = []
+    if info["kind"] == "bundle":
+        lines.append("bundle (%d bytes), signatures NOT verified; signers: %s"
+                     % (info["bytes"], ", ".join(info["signers"])))
+    if "keyset" in info:
+        ks = info["keyset"]
+        lines.append("key set version %d, signed by %s" % (ks["version"], ks["signed_by"]))
+        lines += ["  release key %s" % kid for kid in ks["keys"]]
+        lines += ["  revoked     %s" % kid for kid in ks["revoked"]]
+    if "manifest" in info:
+        m = info["manifest"]
+        lines += ["manifest %s (%d bytes)" % (m["manifest_sha256"][:16], m["manifest_bytes"]),
+                  "  hardware class   %s" % m["hw_class"],
+                  "  version          %s" % m["version"],
+                  "  security version %d" % m["security_version"],
+                  "  payload          %d bytes, %d chunks of %d" % (m["size"], m["chunks"], m["chunk_bytes"]),
+                  "  sha256           %s" % m["sha256"],
+                  "  expires          %d (%s UTC)" % (m["expires_s"], _utc(m["expires_s"])),
+                  "  rollout          %s" % m["rollout_id"]]
+    return "\n".join(lines)
+
+
+def _utc(seconds):
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return "?"
+
+
+COMMANDS = {"keygen": keygen, "keyset": keyset, "build": build, "sign": sign,
+            "verify": verify, "inspect": inspect}
+
+
+def _standalone(argv=None):
+    """`tether fw ...` without cloud/cli.py: argv is what follows `fw`."""
+    parser = argparse.ArgumentParser(prog="tether")
+    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(["fw"] + list(sys.argv[1:] if argv is None else argv))
+    return main(args)
