@@ -11,6 +11,8 @@ without loss or silent gaps.
   tether demo          run the whole thing end to end and write a report
   tether cloud serve   run the reference cloud (broker + ingest + store)
   tether sim run       run the fleet simulator against a running cloud
+  tether cloud revoke | quarantine | release | audit    identity operations
+  tether fw keygen | keyset | build | sign | verify | inspect   signed firmware
 """
 
 
@@ -73,6 +75,9 @@ def build_parser():
     au.add_argument("--device", help="only this TENANT/DEVICE")
     au.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
+    from cloud import fw_cli
+    fw_cli.add_parser(sub)
+
     r = sub.add_parser("sim", help="the fleet simulator")
     rsub = r.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
     run = rsub.add_parser("run", help="run virtual devices against a running cloud",
@@ -111,6 +116,9 @@ def main(argv=None):
     if args.command == "cloud" and args.cloud_command in ("revoke", "audit", "quarantine", "release"):
         from cloud import identity_cli
         return getattr(identity_cli, args.cloud_command)(args)
+    if args.command == "fw":
+        from cloud import fw_cli
+        return fw_cli.main(args)
     if args.command == "sim" and args.sim_command == "run":
         from simulator.run import main as run_main
         return run_main(args)

@@ -125,6 +125,8 @@ def test_sim_run_against_cloud_serve_and_its_exit_codes(tmp_path):
 
 
 def test_every_command_explains_itself():
-    for cmd in (["--help"], ["demo", "--help"], ["cloud", "serve", "--help"], ["sim", "run", "--help"]):
+    for cmd in (["--help"], ["demo", "--help"], ["cloud", "serve", "--help"], ["sim", "run", "--help"],
+                ["cloud", "revoke", "--help"], ["cloud", "quarantine", "--help"], ["cloud", "release", "--help"],
+                ["cloud", "audit", "--help"], ["fw", "--help"], ["fw", "verify", "--help"]):
         out = subprocess.run(TETHER + cmd, cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 0 and "usage: tether" in out.stdout, cmd

@@ -1,0 +1,464 @@
+# Firmware manifests, release key sets and k-of-n release signatures.
+#
+# Portable (MicroPython and CPython), no I/O. Three formats, all
+# deterministic CBOR (agent.cbor) with text keys; docs/firmware-signing.md
+# has the tables.
+#
+#   manifest = parse(payload)                     # strict, or ManifestError
+#   check(manifest, hw_class, security_version, now_s)
+#   manifest = verify_release(bundle, root_public_key, k, keyset_version_seen)
+#   v = ChunkVerifier(manifest); v.update(0, chunk0); ...; v.finish()
+#
+# A bundle is {"v": 1, "keyset": COSE_Sign1 by the root key over a key set,
+# "sigs": [COSE_Sign1 by a release key over the manifest, ...]}. Every
+# envelope must verify, each by a distinct key of the set, all over the same
+# manifest bytes, and there must be at least k of them. The key set lists
+# {kid: public key}, the kids it revokes and its version (monotonic); a set
+# older than one the device has seen is refused. The external AAD differs
+# for key sets and manifests, so a signature made for one is never accepted
+# as the other.
+#
+# Every refusal is a ManifestError with a code (listed in
+# docs/firmware-signing.md); bytes that are not CBOR raise CBORError.
+
+import hashlib
+
+from agent import cbor, cose
+from agent.errors import LocalError, RemoteError
+from agent.p256 import SignatureError, parse_public_key
+
+FORMAT_VERSION = 1
+CHUNK_BYTES = 4096
+CHUNKS_MAX = 448                        # a signed manifest stays under cose's 16 KiB
+SIZE_MAX = CHUNKS_MAX * CHUNK_BYTES     # 1.75 MiB
+DIGEST_BYTES = 32
+HW_CLASS_CHARS_MAX = 32
+VERSION_CHARS_MAX = 32
+ROLLOUT_CHARS_MAX = 64
+SECURITY_VERSION_END = 1 << 32
+TIME_END = 1 << 40                      # seconds since the Unix epoch
+KID_BYTES = 8                           # first 8 bytes of SHA-256 of the public key
+KEYS_MAX = 16
+REVOKED_MAX = 64
+SIGNERS_MAX = 8
+BUNDLE_BYTES_MAX = 65536
+AAD_KEYSET = b"tether-keyset-v1"
+AAD_MANIFEST = b"tether-manifest-v1"
+
+_NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
+_VERSION_CHARS = _NAME_CHARS + "+"
+_MANIFEST_FIELDS = ("v", "hw", "ver", "sv", "size", "sha256", "chunks", "exp", "rollout")
+_KEYSET_FIELDS = ("v", "ver", "keys", "revoked")
+_BUNDLE_FIELDS = ("v", "keyset", "sigs")
+
+
+class ManifestError(RemoteError):
+    code = "manifest"
+
+
+def fingerprint(public_key):
+    """The kid of a release or root key: SHA-256 of its 65 bytes, first 8 bytes."""
+    return hashlib.sha256(public_key).digest()[:KID_BYTES]
+
+
+def chunk_count(size):
+    return (size + CHUNK_BYTES - 1) // CHUNK_BYTES
+
+
+# ---------------------------------------------------------------- manifest
+
+class Manifest:
+    """A parsed manifest. chunk_hashes is one bytes of 32 per chunk, in order."""
+
+    def __init__(self, hw_class, version, security_version, size, sha256,
+                 chunk_hashes, expires_s, rollout_id):
+        self.hw_class = hw_class
+        self.version = version
+        self.security_version = security_version
+        self.size = size
+        self.sha256 = sha256
+        self.chunk_hashes = chunk_hashes
+        self.expires_s = expires_s
+        self.rollout_id = rollout_id
+        self.keyset_version = None      # set by verify_release
+
+    def chunk_count(self):
+        return len(self.chunk_hashes) // DIGEST_BYTES
+
+    def chunk_hash(self, index):
+        return self.chunk_hashes[index * DIGEST_BYTES:(index + 1) * DIGEST_BYTES]
+
+    def to_map(self):
+        return {"v": FORMAT_VERSION, "hw": self.hw_class, "ver": self.version,
+                "sv": self.security_version, "size": self.size, "sha256": self.sha256,
+                "chunks": [self.chunk_hash(i) for i in range(self.chunk_count())],
+                "exp": self.expires_s, "rollout": self.rollout_id}
+
+    def encode(self):
+        """The deterministic CBOR bytes (what release keys sign)."""
+        return cbor.dumps(self.to_map())
+
+
+def parse(payload):
+    """A Manifest from its CBOR bytes, every field checked; ManifestError if not."""
+    fields = _load_map(payload, cose.MESSAGE_BYTES_MAX, "manifest", "malformed")
+    _check_fields(fields, _MANIFEST_FIELDS, "manifest")
+    _check_format_version(fields)
+    size = _uint(fields, "size", 1, SIZE_MAX + 1)
+    chunks = fields["chunks"]
+    if not isinstance(chunks, list):
+        raise ManifestError("manifest chunks must be an array", "bad_field")
+    if len(chunks) != chunk_count(size):
+        raise ManifestError("manifest has %d chunk hashes for %d bytes (want %d)"
+                            % (len(chunks), size, chunk_count(size)), "chunk_count")
+    for digest in chunks:
+        _check_bstr(digest, DIGEST_BYTES, "chunk hash")
+    manifest = Manifest(
+        _text(fields, "hw", HW_CLASS_CHARS_MAX, _NAME_CHARS),
+        _text(fields, "ver", VERSION_CHARS_MAX, _VERSION_CHARS),
+        _uint(fields, "sv", 0, SECURITY_VERSION_END),
+        size,
+        _check_bstr(fields["sha256"], DIGEST_BYTES, "sha256"),
+        b"".join(chunks),
+        _uint(fields, "exp", 0, TIME_END),
+        _text(fields, "rollout", ROLLOUT_CHARS_MAX, _NAME_CHARS),
+    )
+    chunks = fields = None
+    if manifest.encode() != bytes(payload):
+        raise ManifestError("manifest is not in deterministic CBOR form", "not_canonical")
+    return manifest
+
+
+def check(manifest, hw_class, current_security_version, now_s):
+    """Refuse a manifest this device must not install (after its signatures verified)."""
+    if manifest.hw_class != hw_class:
+        raise ManifestError("manifest is for hardware class %r, this is %r"
+                            % (manifest.hw_class, hw_class), "wrong_hw_class")
+    if manifest.security_version < current_security_version:
+        raise ManifestError("security version %d is below the device's %d"
+                            % (manifest.security_version, current_security_version), "downgrade")
+    if now_s >= manifest.expires_s:
+        raise ManifestError("manifest expired at %d (now %d)" % (manifest.expires_s, now_s), "expired")
+
+
+# ---------------------------------------------------------------- streaming payload check
+
+class ChunkVerifier:
+    """Checks the payload chunk by chunk, in order, before each chunk is written.
+
+    update(index, data) raises ManifestError unless data is chunk `index`
+    exactly as the manifest hashes it; finish() checks that every chunk came
+    and (with whole=True) the SHA-256 of the whole payload. State is a few
+    integers and one running hash. After any error every call raises
+    `failed`.
+    """
+
+    def __init__(self, manifest, whole=True):
+        self.manifest = manifest
+        self.next_index = 0
+        self.received_bytes = 0
+        self.finished = False
+        self.error = None
+        self._whole = hashlib.sha256() if whole else None
+
+    def update(self, index, data):
+        self._usable()
+        try:
+            self._update(index, data)
+        except ManifestError as error:
+            self.error = error
+            raise
+
+    def finish(self):
+        self._usable()
+        m = self.manifest
+        if self.next_index != m.chunk_count():
+            self.error = ManifestError("payload ended after %d of %d bytes"
+                                       % (self.received_bytes, m.size), "truncated")
+            raise self.error
+        if self._whole is not None and self._whole.digest() != m.sha256:
+            self.error = ManifestError("payload SHA-256 differs from the manifest", "payload_hash")
+            raise self.error
+        self.finished = True
+
+    def _usable(self):
+        if self.error is not None:
+            raise ManifestError("verifier failed earlier (%s)" % self.error.code, "failed")
+        if self.finished:
+            raise ManifestError("verifier already finished", "failed")
+
+    def _update(self, index, data):
+        m = self.manifest
+        if index >= m.chunk_count():
+            raise ManifestError("chunk %d is beyond the payload's %d chunks"
+                                % (index, m.chunk_count()), "oversized")
+        if index != self.next_index:
+            raise ManifestError("chunk %d arrived, expected %d" % (index, self.next_index),
+                                "out_of_order")
+        want = min(CHUNK_BYTES, m.size - index * CHUNK_BYTES)
+        if len(data) > want:
+            raise ManifestError("chunk %d has %d bytes, expected %d" % (index, len(data), want),
+                                "oversized")
+        if len(data) < want:
+            raise ManifestError("chunk %d has %d bytes, expected %d" % (index, len(data), want),
+                                "truncated")
+        if hashlib.sha256(data).digest() != m.chunk_hash(index):
+            raise ManifestError("chunk %d does not match its hash" % index, "tampered_chunk")
+        if self._whole is not None:
+            self._whole.update(data)
+        self.next_index += 1
+        self.received_bytes += len(data)
+
+
+# ---------------------------------------------------------------- release key set
+
+class KeySet:
+    """version, keys {kid: 65-byte public key}, revoked [kid, ...]."""
+
+    def __init__(self, version, keys, revoked):
+        self.version = version
+        self.keys = keys
+        self.revoked = revoked
+
+
+def parse_keyset(payload):
+    """A KeySet from its CBOR bytes (already verified under the root key)."""
+    fields = _load_map(payload, cose.MESSAGE_BYTES_MAX, "key set", "bad_keyset")
+    _check_fields(fields, _KEYSET_FIELDS, "key set", "bad_keyset")
+    _check_format_version(fields, "bad_keyset")
+    version = _uint(fields, "ver", 0, SECURITY_VERSION_END, "bad_keyset")
+    pairs = _sorted_list(fields["keys"], 1, KEYS_MAX, "keys")
+    revoked = _sorted_list(fields["revoked"], 0, REVOKED_MAX, "revoked")
+    keys = {}
+    for pair in pairs:
+        kid, public_key = pair
+        _check_release_key(kid, public_key)
+        keys[kid] = public_key
+    for kid in revoked:
+        _check_bstr(kid, KID_BYTES, "revoked kid", "bad_keyset")
+        if kid in keys:
+            raise ManifestError("kid %r is both listed and revoked" % (kid,), "bad_keyset")
+    return KeySet(version, keys, revoked)
+
+
+def _sorted_list(items, count_min, count_max, what):
+    """items, checked: a list of count_min..count_max entries, strictly ascending."""
+    if not isinstance(items, list) or not count_min <= len(items) <= count_max:
+        raise ManifestError("key set %s must be an array of %d..%d entries"
+                            % (what, count_min, count_max), "bad_keyset")
+    for i in range(len(items)):
+        if what == "keys" and (not isinstance(items[i], list) or len(items[i]) != 2):
+            raise ManifestError("key set keys must be [kid, public key] pairs", "bad_keyset")
+        if i and not _sort_key(items[i - 1]) < _sort_key(items[i]):
+            raise ManifestError("key set %s must be sorted by kid, no repeats" % what, "bad_keyset")
+    return items
+
+
+def _sort_key(item):
+    key = item[0] if isinstance(item, list) else item
+    if not isinstance(key, bytes):
+        raise ManifestError("a kid must be a byte string", "bad_keyset")
+    return key
+
+
+def _check_release_key(kid, public_key):
+    _check_bstr(kid, KID_BYTES, "kid", "bad_keyset")
+    try:
+        parse_public_key(public_key)
+    except SignatureError as error:
+        raise ManifestError("key set key %r: %s" % (kid, error.message), "bad_keyset")
+    if fingerprint(public_key) != kid:
+        raise ManifestError("kid %r is not the fingerprint of its key" % (kid,), "bad_keyset")
+
+
+# ---------------------------------------------------------------- k-of-n release signatures
+
+def verify_release(bundle, root_public_key, k, keyset_version_seen=0):
+    """The Manifest of a bundle signed by at least k distinct current release keys.
+
+    Checks signatures only; call check() next. The returned manifest's
+    keyset_version is the set's version: persist it once the update is
+    installed, and pass it as keyset_version_seen from then on.
+    """
+    verifier = ReleaseVerifier(bundle, root_public_key, k, keyset_version_seen)
+    while not verifier.step():
+        pass
+    return verifier.result()
+
+
+class ReleaseVerifier:
+    """verify_release in bounded pieces: call step() until it returns True,
+    then result(). Each step does at most bits_per_step bits of one ECDSA
+    verification, or the parsing between two of them."""
+
+    def __init__(self, bundle, root_public_key, k, keyset_version_seen=0, bits_per_step=256):
+        if type(k) is not int or not 1 <= k <= SIGNERS_MAX:
+            raise LocalError("k must be 1..%d, not %r" % (SIGNERS_MAX, k), "bad_k")
+        if not isinstance(root_public_key, (bytes, bytearray)):
+            raise LocalError("root public key must be bytes", "bad_root_key")
+        self._work = self._verify(bundle, bytes(root_public_key), k, keyset_version_seen,
+                                  bits_per_step)
+        self._manifest = None
+        self._error = None
+
+    def step(self):
+        """Do one piece; True when finished. Raises the refusal, every time."""
+        if self._error is not None:
+            raise self._error
+        if self._manifest is not None:
+            return True
+        try:
+            next(self._work)
+        except StopIteration:
+            pass
+        except RemoteError as error:
+            self._error = error
+            raise
+        return self._manifest is not None
+
+    def result(self):
+        if self._manifest is None:
+            raise LocalError("release verification is not finished", "unfinished")
+        return self._manifest
+
+    def _verify(self, bundle, root, k, seen, bits):
+        # Drop each piece once used (bundle, key set, envelopes): a small heap
+        # holds only what the remaining steps need.
+        keyset_message, envelopes = decode_bundle(bundle)
+        bundle = None
+        payload, verifier = _start(keyset_message, {fingerprint(root): root}, AAD_KEYSET,
+                                   "keyset_signature")
+        keyset_message = None
+        yield from _run(verifier, bits, "keyset_signature")
+        keyset = parse_keyset(payload)
+        if keyset.version < seen:
+            raise ManifestError("key set version %d is older than %d, already seen"
+                                % (keyset.version, seen), "keyset_rollback")
+        signers = _pick_signers(envelopes, keyset, k)
+        manifest_bytes = payload = envelopes = None
+        yield
+        while signers:
+            kid, message = signers.pop(0)
+            payload, verifier = _start(message, {kid: keyset.keys[kid]}, AAD_MANIFEST,
+                                       "bad_signature")
+            message = None
+            if manifest_bytes is None:
+                manifest_bytes = payload
+            elif payload != manifest_bytes:
+                raise ManifestError("signatures are over different manifests", "mismatch")
+            payload = None
+            yield from _run(verifier, bits, "bad_signature")
+        manifest = parse(manifest_bytes)
+        manifest.keyset_version = keyset.version
+        self._manifest = manifest
+
+
+def decode_bundle(bundle):
+    """(key set message, [signature envelopes]): the bundle's shape only, nothing verified."""
+    fields = _load_map(bundle, BUNDLE_BYTES_MAX, "bundle", "malformed")
+    _check_fields(fields, _BUNDLE_FIELDS, "bundle")
+    _check_format_version(fields)
+    envelopes = fields["sigs"]
+    if not isinstance(fields["keyset"], bytes):
+        raise ManifestError("bundle keyset must be a byte string", "malformed")
+    if not isinstance(envelopes, list) or not 1 <= len(envelopes) <= SIGNERS_MAX:
+        raise ManifestError("bundle sigs must be an array of 1..%d" % SIGNERS_MAX, "malformed")
+    for message in envelopes:
+        if not isinstance(message, bytes):
+            raise ManifestError("each signature must be a byte string", "malformed")
+    return fields["keyset"], envelopes
+
+
+def _pick_signers(envelopes, keyset, k):
+    """[(kid, message)]: each envelope's signer is current, and distinct."""
+    signers = []
+    for message in envelopes:
+        try:
+            _, protected, unprotected, _, _ = cose.decode1(message)
+        except SignatureError as error:
+            raise ManifestError("signature envelope: %s" % error.message, "malformed")
+        kid = protected.get(cose.LABEL_KID, unprotected.get(cose.LABEL_KID))
+        if kid in keyset.revoked:
+            raise ManifestError("signer %r is revoked by key set %d" % (kid, keyset.version),
+                                "revoked_signer")
+        if not isinstance(kid, bytes) or kid not in keyset.keys:
+            raise ManifestError("signer %r is not in key set %d" % (kid, keyset.version),
+                                "unknown_signer")
+        for other, _ in signers:
+            if other == kid:
+                raise ManifestError("signer %r signed twice" % (kid,), "duplicate_signer")
+        signers.append((kid, message))
+    if len(signers) < k:
+        raise ManifestError("%d release signatures, %d required" % (len(signers), k),
+                            "too_few_signers")
+    return signers
+
+
+def _start(message, keys, aad, code):
+    try:
+        return cose.start1(message, keys, aad)
+    except SignatureError as error:
+        raise ManifestError("%s (%s)" % (error.message, error.code), code)
+
+
+def _run(verifier, bits, code):
+    """Yield after every verifier.step(bits), so each step() is one bounded piece."""
+    yield                               # after the parsing and set-up of this one
+    done = False
+    while not done:
+        done = verifier.step(bits)
+        yield
+    if not verifier.result():
+        raise ManifestError("signature does not verify", code)
+
+
+# ---------------------------------------------------------------- field checks
+
+def _load_map(data, bytes_max, what, code):
+    if not isinstance(data, (bytes, bytearray)):
+        raise ManifestError("%s must be bytes" % what, code)
+    if len(data) > bytes_max:
+        raise ManifestError("%s of %d bytes is over %d" % (what, len(data), bytes_max), code)
+    fields = cbor.loads(data)
+    if not isinstance(fields, dict):
+        raise ManifestError("%s must be a CBOR map" % what, code)
+    return fields
+
+
+def _check_fields(fields, names, what, code=None):
+    for name in names:
+        if name not in fields:
+            raise ManifestError("%s has no %r" % (what, name), code or "missing_field")
+    if len(fields) != len(names):
+        for name in fields:
+            if name not in names:
+                raise ManifestError("%s has unknown field %r" % (what, name),
+                                    code or "unknown_field")
+
+
+def _check_format_version(fields, code="bad_format_version"):
+    if type(fields["v"]) is not int or fields["v"] != FORMAT_VERSION:
+        raise ManifestError("format version %r, expected %d" % (fields["v"], FORMAT_VERSION), code)
+
+
+def _uint(fields, name, low, end, code="bad_field"):
+    value = fields[name]
+    if type(value) is not int or not low <= value < end:
+        raise ManifestError("%s must be an integer in %d..%d" % (name, low, end - 1), code)
+    return value
+
+
+def _text(fields, name, chars_max, allowed):
+    value = fields[name]
+    if not isinstance(value, str) or not 1 <= len(value) <= chars_max:
+        raise ManifestError("%s must be text of 1..%d characters" % (name, chars_max), "bad_field")
+    for c in value:
+        if c not in allowed:
+            raise ManifestError("%s has a character outside [A-Za-z0-9._-]" % name, "bad_field")
+    return value
+
+
+def _check_bstr(value, length, what, code="bad_field"):
+    if not isinstance(value, bytes) or len(value) != length:
+        raise ManifestError("%s must be a byte string of %d bytes" % (what, length), code)
+    return value

@@ -1,0 +1,190 @@
+"""`tether fw` (cloud/fw_cli.py, cloud/firmware.py), driven through its own
+argparse parser from add_parser() and once as a subprocess. Exit codes:
+0 ok, 1 refused (reason printed), 2 usage. Same inputs give the same bytes,
+and firmware-images/ rebuilds byte for byte from its committed keys.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import cbor2
+import pytest
+
+from cloud import fw_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGES = os.path.join(REPO, "firmware-images")
+NOW = 1_700_000_000
+
+
+def fw(*argv):
+    parser = argparse.ArgumentParser(prog="tether")
+    fw_cli.add_parser(parser.add_subparsers(dest="command"))
+    return fw_cli.main(parser.parse_args(["fw"] + [str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """keys (root, release-1..3), key set v1, a payload, manifest and 2-signature bundle."""
+    d = tmp_path_factory.mktemp("fw")
+    for name in ("root", "release-1", "release-2", "release-3"):
+        assert fw("keygen", "--out", d / "keys", "--name", name) == 0
+    pubs = [d / "keys" / ("release-%d.pub" % i) for i in (1, 2, 3)]
+    assert fw("keyset", "--root", d / "keys/root.key", "--release", *pubs, "--version", 1,
+              "--out", d / "ks1.cose") == 0
+    (d / "app.bin").write_bytes(bytes(range(256)) * 50)
+    assert build(d, d / "m.cbor") == 0
+    assert fw("sign", "--manifest", d / "m.cbor", "--key", d / "keys/release-1.key",
+              "--key", d / "keys/release-2.key", "--keyset", d / "ks1.cose", "--out", d / "b") == 0
+    return d
+
+
+def build(d, out, version="1.0.0", days=30):
+    return fw("build", "--payload", d / "app.bin", "--hw-class", "sim-v1", "--version", version,
+              "--security-version", 4, "--expires-in-days", days, "--now", NOW,
+              "--rollout-id", "r1", "--out", out)
+
+
+def verify(d, *extra, bundle="b", payload="app.bin"):
+    args = {"--k": 2, "--hw-class": "sim-v1", "--security-version": 4, "--now": NOW + 10}
+    extra = list(extra)
+    for i in range(0, len(extra), 2):
+        args[extra[i]] = extra[i + 1]
+    flat = [x for pair in args.items() for x in pair]
+    return fw("verify", "--bundle", d / bundle, "--payload", d / payload, "--root", d / "keys/root.pub", *flat)
+
+
+def test_keygen_private_key_is_0600_and_never_overwritten(release, capsys):
+    mode = stat.S_IMODE(os.stat(release / "keys/release-1.key").st_mode)
+    assert mode == 0o600
+    assert fw("keygen", "--out", release / "keys", "--name", "release-1") == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert fw("keygen", "--out", release / "keys", "--name", "../evil") == 2
+
+
+def test_build_is_deterministic(release):
+    assert build(release, release / "again.cbor") == 0
+    assert (release / "again.cbor").read_bytes() == (release / "m.cbor").read_bytes()
+    assert build(release, release / "other.cbor", version="1.0.1") == 0
+    assert (release / "other.cbor").read_bytes() != (release / "m.cbor").read_bytes()
+
+
+def test_sign_is_deterministic_too(release):
+    assert fw("sign", "--manifest", release / "m.cbor", "--key", release / "keys/release-2.key",
+              "--key", release / "keys/release-1.key", "--keyset", release / "ks1.cose",
+              "--out", release / "b2") == 0
+    assert (release / "b2").read_bytes() == (release / "b").read_bytes()
+
+
+def test_verify_accepts(release, capsys):
+    assert verify(release) == 0
+    assert "ok: sim-v1 1.0.0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, code", [
+    (("--k", 3), "too_few_signers"),
+    (("--hw-class", "esp32-v1"), "wrong_hw_class"),
+    (("--security-version", 5), "downgrade"),
+    (("--now", NOW + 31 * 86400), "expired"),
+    (("--keyset-version-seen", 2), "keyset_rollback"),
+])
+def test_verify_refuses_with_exit_1_and_reason(release, capsys, extra, code):
+    assert verify(release, *extra) == 1
+    assert capsys.readouterr().out.startswith("refused: %s:" % code)
+
+
+def test_verify_refuses_a_tampered_payload_and_bundle(release, capsys):
+    data = bytearray((release / "app.bin").read_bytes())
+    data[5000] ^= 1
+    (release / "bad.bin").write_bytes(bytes(data))
+    assert verify(release, payload="bad.bin") == 1
+    assert "tampered_chunk" in capsys.readouterr().out
+    (release / "short.bin").write_bytes(bytes(data[:-1]))
+    assert verify(release, payload="short.bin") == 1
+    fields = cbor2.loads((release / "b").read_bytes())
+    for part, code in (("keyset", "keyset_signature"), ("sigs", "bad_signature")):
+        tampered = dict(fields)
+        message = bytearray(fields["keyset"] if part == "keyset" else fields["sigs"][1])
+        message[-3] ^= 1                                # inside the signature
+        tampered[part] = bytes(message) if part == "keyset" else [fields["sigs"][0], bytes(message)]
+        (release / "bad-b").write_bytes(cbor2.dumps(tampered, canonical=True))
+        capsys.readouterr()
+        assert verify(release, bundle="bad-b") == 1
+        assert capsys.readouterr().out.startswith("refused: %s:" % code)
+
+
+def test_revocation_through_the_tool(release, capsys):
+    keys = release / "keys"
+    assert fw("keyset", "--root", keys / "root.key", "--release", keys / "release-1.pub",
+              keys / "release-3.pub", "--revoke", keys / "release-2.pub", "--version", 2,
+              "--out", release / "ks2.cose") == 0
+    # the tool refuses to sign with a revoked key ...
+    assert fw("sign", "--manifest", release / "m.cbor", "--key", keys / "release-1.key", "--key",
+              keys / "release-2.key", "--keyset", release / "ks2.cose", "--out", release / "x") == 2
+    assert "not in key set 2" in capsys.readouterr().err
+    assert fw("sign", "--manifest", release / "m.cbor", "--key", keys / "release-1.key", "--key",
+              keys / "release-3.key", "--keyset", release / "ks2.cose", "--out", release / "b3") == 0
+    assert verify(release, "--keyset-version-seen", 2, bundle="b3") == 0
+
+
+def test_inspect_text_and_json(release, capsys):
+    assert fw("inspect", "--bundle", release / "b") == 0
+    text = capsys.readouterr().out
+    assert "NOT verified" in text and "security version 4" in text and "sim-v1" in text
+    assert fw("inspect", "--bundle", release / "b", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "bundle" and len(info["signers"]) == 2
+    assert info["manifest"]["size"] == 12800 and info["manifest"]["chunks"] == 4
+    assert info["keyset"]["version"] == 1 and len(info["keyset"]["keys"]) == 3
+    assert fw("inspect", "--bundle", release / "ks1.cose", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "keyset"
+    (release / "junk").write_bytes(b"\xff\x00junk")
+    assert fw("inspect", "--bundle", release / "junk") == 1
+
+
+def test_usage_errors_exit_2(release, capsys):
+    assert fw("verify", "--bundle", release / "missing", "--payload", release / "app.bin",
+              "--root", release / "keys/root.pub", "--hw-class", "x") == 2
+    assert "cannot read bundle" in capsys.readouterr().err
+    assert fw("build", "--payload", release / "app.bin", "--hw-class", "bad class", "--version", "1",
+              "--security-version", 1, "--expires-at", NOW, "--rollout-id", "r", "--out",
+              release / "x.cbor") == 2
+    assert fw("keyset", "--root", release / "keys/root.pub", "--release", release / "keys/release-1.pub",
+              "--version", 1, "--out", release / "x") == 2      # a public key is no root key
+    with pytest.raises(SystemExit) as info:
+        fw("build", "--payload", release / "app.bin")           # argparse: required options
+    assert info.value.code == 2
+    assert fw() == 2                                             # no subcommand: help, exit 2
+
+
+def test_standalone_subprocess_on_the_sample_images():
+    code = "import sys; from cloud.fw_cli import _standalone; sys.exit(_standalone())"
+    base = [sys.executable, "-c", code, "verify", "--bundle", os.path.join(IMAGES, "sim-v1-1.1.0.bundle"),
+            "--payload", os.path.join(IMAGES, "sim-v1-1.1.0.bin"), "--root",
+            os.path.join(IMAGES, "keys", "root.pub"), "--hw-class", "sim-v1", "--security-version", "2"]
+    ok = subprocess.run(base, cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    old = subprocess.run(base[:5] + [os.path.join(IMAGES, "sim-v1-1.0.0.bundle"), "--payload",
+                                     os.path.join(IMAGES, "sim-v1-1.0.0.bin")] + base[8:],
+                         cwd=REPO, capture_output=True, text=True)
+    assert old.returncode == 1 and "refused: downgrade" in old.stdout
+    usage = subprocess.run(base[:3] + ["verify"], cwd=REPO, capture_output=True, text=True)
+    assert usage.returncode == 2
+
+
+def test_sample_images_rebuild_byte_for_byte(tmp_path):
+    shutil.copytree(os.path.join(IMAGES, "keys"), tmp_path / "keys")
+    subprocess.run([sys.executable, os.path.join(IMAGES, "build.py"), "--out", str(tmp_path / "out"),
+                    "--keys", str(tmp_path / "keys")], check=True, capture_output=True)
+    built = sorted(os.listdir(tmp_path / "out"))
+    assert built == sorted(f for f in os.listdir(IMAGES) if f.endswith((".bin", ".cose", ".manifest", ".bundle")))
+    for name in built:
+        with open(os.path.join(IMAGES, name), "rb") as f:
+            assert (tmp_path / "out" / name).read_bytes() == f.read(), name
+    total = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(IMAGES) for f in files)
+    assert total < 100 * 1024
