@@ -11,6 +11,8 @@ def line_chart(title, rows, key, color, marks=(), unit=""):
     """An SVG line chart of rows[i][key] against rows[i]['t_s']."""
     if len(rows) < 2:
         return "<p>%s: not enough samples</p>" % html.escape(title)
+    if isinstance(rows[0].get(key), float):
+        rows = [dict(r, **{key: round(r[key], 1)}) for r in rows]
     xs = [r["t_s"] for r in rows]
     ys = [r[key] for r in rows]
     x0, x1 = xs[0], max(xs[-1], xs[0] + 1e-9)
@@ -36,12 +38,14 @@ def line_chart(title, rows, key, color, marks=(), unit=""):
 <line x1="{p}" y1="{top}" x2="{p}" y2="{base}" stroke="#888"/>
 <text x="{p}" y="{h2}" font-size="10">{x0:.0f} s</text>
 <text x="{xr}" y="{h2}" font-size="10" text-anchor="end">{x1:.0f} s</text>
-<text x="{p2}" y="{top}" font-size="10" text-anchor="end">{y1:g}{unit}</text>
+<text x="{p2}" y="{ytop}" font-size="10" text-anchor="end">{y1:g}{unit}</text>
 <text x="{p2}" y="{base}" font-size="10" text-anchor="end">0</text>
+<line x1="{p}" y1="{ytop}" x2="{xr}" y2="{ytop}" stroke="#ddd" stroke-dasharray="3,3"/>
 <polyline fill="none" stroke="{color}" stroke-width="1.8" points="{points}"/>
 </svg></figure>""".format(title=html.escape(title), w=WIDTH, h=HEIGHT + 20, bands="".join(bands),
                            p=PAD, p2=PAD - 4, xr=WIDTH - PAD, base=HEIGHT - PAD + 10, top=PAD - 10,
-                           h2=HEIGHT + 5, x0=x0, x1=x1, y1=y1, unit=unit, color=color, points=points)
+                           h2=HEIGHT + 5, x0=x0, x1=x1, y1=y1, unit=unit, color=color, points=points,
+                           ytop="%.1f" % py(y1))
 
 
 def rates(rows, key):
