@@ -29,7 +29,10 @@ class Link(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         self.device.pending = self
-        transport.write(mqtt.connect(self.device.identity, KEEPALIVE_S, clean_session=True))
+        # A device publishes every sample; announce a keepalive longer than
+        # that interval, so the broker never takes a quiet device for dead.
+        keepalive_s = max(KEEPALIVE_S, int(3 * self.device.fleet.sample_interval_s) + 1)
+        transport.write(mqtt.connect(self.device.identity, keepalive_s, clean_session=True))
         self.timer = self.device.fleet.loop.call_later(CONNECT_TIMEOUT_S, self.connack_timeout)
 
     def connack_timeout(self):

@@ -479,3 +479,39 @@ async def test_mosquitto_keeps_ingest_queue_across_restart(mosquitto):
     await b.start()              # mosquitto is up: only starts a new ingest, same client id
     assert await b.wait_received(3)
     assert b.payloads() == [b"r0", b"r1", b"r2"]
+
+
+@pytest.mark.mosquitto
+async def test_mosquitto_ingest_bounds_what_it_holds_unacknowledged(pki, tmp_path, monkeypatch):
+    """Mosquitto 2.0.11 was measured sending the ingest far more than its
+    max_inflight_messages under load; the ingest's own bound holds."""
+    require_kind("mosquitto")
+    import cloud.mosquitto as cm
+    monkeypatch.setattr(cm, "INGEST_PENDING_MAX", 5)
+    b = BrokerUnderTest("mosquitto", pki, tmp_path)
+    await b.start()
+    dev = None
+    try:
+        inside, most = [0], [0]
+        gate = asyncio.Event()
+
+        async def slow_ingest(identity, topic, payload):
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            await gate.wait()
+            inside[0] -= 1
+        b.hook = slow_ingest
+        dev = make_device(b, "acme/dev-1")
+        assert await dev.connect() == 0
+        for i in range(20):
+            dev.client.publish(TELEMETRY % "acme/dev-1", b"r%d" % i, qos=1)
+        assert await wait_until(lambda: inside[0] == 5)
+        # At most one more is taken off the wire, and it waits at the bound.
+        assert b.ingest.received <= 6 and most[0] == 5
+        gate.set()
+        assert await wait_until(lambda: b.ingest.acked == 20, timeout_s=10)
+        assert most[0] == 5
+    finally:
+        if dev is not None:
+            await dev.close()
+        await b.stop()
