@@ -68,6 +68,7 @@ R_BAD_IDENTITY = "bad_identity"       # connect: CN is neither device nor cloud 
 R_CLIENT_ID = "client_id_mismatch"    # connect
 R_NOT_AUTHORIZED = "not_authorized"   # connect: authorize() said no
 R_CLONE = "clone_suspected"           # connect: the identity keeps taking itself over
+R_WILL = "will_not_allowed"           # connect: a will would publish unchecked when the link drops
 R_NOT_PERMITTED = "not_permitted"     # publish / subscribe: ACL
 R_QOS = "qos_unsupported"             # publish: QoS 2
 
@@ -221,6 +222,8 @@ class Broker(AmqttBroker):
         self.on_takeover = on_takeover  # (identity, old_addr, new_addr, count, refused)
         self.quarantined = frozenset()  # identities confined to quarantine topics
         self._takeovers = {}
+        self._clone_blocked = {}        # identity -> monotonic time its lockout ends
+        self.revoked = frozenset()      # checked on every publish and subscribe too
         self.log = logger or _NULL_LOGGER  # amqtt owns self.logger
         self.relay = relay
         self.refusals = collections.deque(maxlen=refusals_max)
@@ -328,14 +331,17 @@ class Broker(AmqttBroker):
 
     def _clone_suspected(self, identity, session):
         """The same identity connecting while it is connected is either a
-        device coming back over a half-open connection, or a clone. One such
-        takeover is allowed (and reported); CLONE_TAKEOVERS_MAX within
-        CLONE_WINDOW_S means two devices hold one identity: the newcomer is
-        refused, and refused again until the window passes."""
+        device coming back over a half-open connection, or a clone. Takeovers
+        are allowed (and reported) until CLONE_TAKEOVERS_MAX within
+        CLONE_WINDOW_S: then two devices hold one identity, and neither may
+        stay: the incumbent is ended and every connect of the identity is
+        refused for CLONE_WINDOW_S, so the clone cannot keep the session."""
+        now = time.monotonic()
+        if self._clone_blocked.get(identity, 0) > now:
+            return True
         old, handler = self._sessions.get(identity, (None, None))
         if old is None or handler is None or not old.transitions.is_connected():
             return False
-        now = time.monotonic()
         times = self._takeovers.setdefault(identity, collections.deque(maxlen=CLONE_TAKEOVERS_MAX))
         while times and now - times[0] > CLONE_WINDOW_S:
             times.popleft()
@@ -343,6 +349,11 @@ class Broker(AmqttBroker):
         if len(self._takeovers) > TAKEOVERS_TRACKED_MAX:
             self._takeovers.pop(next(iter(self._takeovers)))
         suspected = len(times) >= CLONE_TAKEOVERS_MAX
+        if suspected:
+            self._clone_blocked[identity] = now + CLONE_WINDOW_S
+            if len(self._clone_blocked) > TAKEOVERS_TRACKED_MAX:
+                self._clone_blocked.pop(next(iter(self._clone_blocked)))
+            self.kick(identity)
         if self.on_takeover is not None:
             self.on_takeover(identity, "%s:%s" % (old.remote_address, old.remote_port),
                              "%s:%s" % (session.remote_address, session.remote_port), len(times), suspected)
@@ -360,6 +371,8 @@ class Broker(AmqttBroker):
             reason, connack = R_CLIENT_ID, IDENTIFIER_REJECTED
         if reason is None and self.authorize is not None and not await _maybe_await(self.authorize(identity)):
             reason = R_NOT_AUTHORIZED
+        if reason is None and session.will_flag:
+            reason = R_WILL  # amqtt would publish it on a drop without our ACL
         if reason is None and self._clone_suspected(identity, session):
             reason = R_CLONE
         if reason is None:
@@ -414,7 +427,8 @@ class Broker(AmqttBroker):
 
     async def _topic_filtering(self, session, topic, action):
         identity = session.attributes.get(IDENTITY_KEY)
-        allowed = identity is not None and permits(identity, action, topic, identity in self.quarantined)
+        allowed = (identity is not None and identity not in self.revoked
+                   and permits(identity, action, topic, identity in self.quarantined))
         if not allowed and action == SUBSCRIBE:
             self.refuse(identity, SUBSCRIBE, topic, R_NOT_PERMITTED)
         return allowed
@@ -424,7 +438,8 @@ class Broker(AmqttBroker):
         identity = session.attributes.get(IDENTITY_KEY)
         if not self._admitting:
             return FAILED  # stopping: not acknowledged, sent again after restart
-        if identity is None or not permits(identity, PUBLISH, message.topic, identity in self.quarantined):
+        if identity is None or identity in self.revoked or \
+                not permits(identity, PUBLISH, message.topic, identity in self.quarantined):
             self.refuse(identity, PUBLISH, message.topic, R_NOT_PERMITTED)
             return REFUSED
         if self.on_publish is None:

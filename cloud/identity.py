@@ -35,6 +35,8 @@ CREATE INDEX IF NOT EXISTS certificates_by_identity ON certificates (identity);
 """
 
 AUDIT_ROWS_MAX = 10_000
+TEXT_MAX = 500
+SYSTEM_ACTORS = ("cloud", "broker")  # written by the running cloud, never by an operator
 
 
 def now_ms():
@@ -71,10 +73,10 @@ class Registry:
         if subject:
             sql += " AND subject = ?"
             args.append(subject)
-        sql += " ORDER BY id LIMIT ?"
+        sql += " ORDER BY id DESC LIMIT ?"  # the newest rows, oldest first below
         args.append(max(1, min(int(limit), AUDIT_ROWS_MAX)))
         names = ("id", "ts_ms", "actor", "action", "subject", "reason", "detail")
-        return [dict(zip(names, row)) for row in self._db.execute(sql, args)]
+        return [dict(zip(names, row)) for row in reversed(self._db.execute(sql, args).fetchall())]
 
     # -- quarantine -------------------------------------------------------------
 
@@ -102,6 +104,11 @@ class Registry:
         parse_identity(identity)
         if not reason or not actor:
             raise IdentityError("an audited operation needs who (actor) and why (reason)")
+        for text in (reason, actor):
+            if len(text) > TEXT_MAX or any(ord(c) < 32 or ord(c) == 127 for c in text):
+                raise IdentityError("actor and reason must be one line of at most %d characters" % TEXT_MAX)
+        if actor in SYSTEM_ACTORS:
+            raise IdentityError("%r is reserved for the cloud's own audit rows" % actor)
 
     # -- certificates -----------------------------------------------------------
 

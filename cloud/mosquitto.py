@@ -37,7 +37,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from cloud.ca import INGEST_IDENTITY
+from cloud.ca import INGEST_IDENTITY, parse_identity
 from cloud.errors import MosquittoError
 
 CONF_FILE = "mosquitto.conf"
@@ -87,6 +87,8 @@ def acl_text(extra=(), denied=(), quarantined=()):
         "topic read t/#\n"
     )
     text += "".join(line + "\n" for line in extra)
+    for identity in set(denied) | set(quarantined):
+        parse_identity(identity)  # an identity can never carry ACL syntax into this file
     for identity in sorted(denied):
         text += "\n# revoked\nuser %s\ntopic deny #\n" % identity
     for identity in sorted(set(quarantined) - set(denied)):

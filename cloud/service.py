@@ -17,12 +17,16 @@ import time
 
 from cloud.broker import Broker
 from cloud.ca import CA, INGEST_IDENTITY, load_cert, write_private, write_public
+from cloud.errors import CloudError
 from cloud.identity import Registry
 from cloud.ingest import AsyncIngest, Ingest
 from cloud.limits import Limits
 from cloud.store import Store
 
 log = logging.getLogger("tether.cloud")
+
+
+CRL_RESIGN_MS = 24 * 3600 * 1000
 
 
 def free_port(host):
@@ -123,6 +127,7 @@ class Cloud:
         self.clones = set()      # identities seen connected twice at once, repeatedly
         self.quarantined = frozenset()
         self._kicking = set()    # identities our revocation kick takes over (not clones)
+        self._crl_written_ms = 0
         self._mq_takeovers = {}
         self._watch = None
         self._log_offset = 0
@@ -146,8 +151,25 @@ class Cloud:
             cert_pem, key_pem = self.ca.issue_device(tenant, device)
             write_private(keyfile, key_pem)
             write_public(certfile, cert_pem)
-            self.registry.issued("%s/%s" % (tenant, device), load_cert(cert_pem).serial_number)
+        else:
+            with open(certfile, "rb") as f:
+                cert_pem = f.read()
+        # Recorded every time (idempotent): revoking the identity must put this
+        # serial on the CRL even if the file predates the database.
+        self.registry.issued("%s/%s" % (tenant, device), load_cert(cert_pem).serial_number)
         return DeviceCredential(tenant, device, certfile, keyfile)
+
+    def record_issued_files(self):
+        """Backfill the registry from DATA/devices (files from before it)."""
+        root = os.path.join(self.data_dir, "devices")
+        for tenant in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+            for name in sorted(os.listdir(os.path.join(root, tenant))):
+                if name.endswith(".crt"):
+                    try:
+                        with open(os.path.join(root, tenant, name), "rb") as f:
+                            self.registry.issued("%s/%s" % (tenant, name[:-4]), load_cert(f.read()).serial_number)
+                    except (OSError, ValueError, CloudError) as e:
+                        log.warning("cannot record %s/%s: %s", tenant, name, e)
 
     # -- life -----------------------------------------------------------------
 
@@ -156,9 +178,9 @@ class Cloud:
         self.store = Store(self.store_path)
         if self.registry is None:
             self.registry = Registry(self.store_path)
+        self.record_issued_files()
         self.revoked = self.registry.revoked()
-        if self.kind == "embedded":
-            self.registry.retry_unenforced()
+        self.registry.retry_unenforced()
         limits = self.limits if self.limits is not None else default_limits()
         self.quarantined = self.registry.quarantined()
         self.ingest = AsyncIngest(Ingest(self.store, clock_ms, limits=limits, flag_of=self._flag_of))
@@ -168,6 +190,7 @@ class Cloud:
                                  authorize=lambda identity: identity not in self.revoked,
                                  on_takeover=self._takeover_seen)
             self.broker.quarantined = self.quarantined
+            self.broker.revoked = frozenset(self.revoked)
             await self.broker.start()
         else:
             await self._start_mosquitto()
@@ -235,28 +258,46 @@ class Cloud:
         import asyncio
         while True:
             await asyncio.sleep(every_s)
-            try:
-                await self.enforce_revocations()
-                await self.sync_quarantine()
-                if self.mosquitto is not None:
-                    self._scan_mosquitto_log()
-            except Exception:  # never let the watcher die silently
-                log.exception("enforcing revocations failed; retrying")
+            for step in (self.enforce_revocations, self.sync_quarantine, self._refresh_crl,
+                         self._scan_log_step):
+                try:  # one failing step must not stop the others
+                    await step()
+                except Exception:
+                    log.exception("%s failed; retrying", step.__name__)
+
+    async def _scan_log_step(self):
+        if self.mosquitto is not None:
+            self._scan_mosquitto_log()
+
+    async def _refresh_crl(self):
+        """A CRL past its next-update date makes Mosquitto refuse everyone:
+        re-sign it daily (it is valid for a week)."""
+        if self.mosquitto is not None and clock_ms() - self._crl_written_ms > CRL_RESIGN_MS:
+            self._write_crl()
+            self.mosquitto.reload()
 
     async def enforce_revocations(self):
         """Refuse every revoked identity at CONNECT and end its live session;
         record how long that took. Mosquitto: recorded, not enforced yet."""
         for identity, revoked_ms in self.registry.pending():
             self.revoked.add(identity)
-            if self.kind != "embedded":
-                await self._enforce_on_mosquitto(identity, revoked_ms)
-                continue
-            kicked = await self.broker.kick(identity)
-            still = self.broker.sessions.get(identity, (None, None))[1] is not None
-            if still:
-                continue  # try again on the next pass
-            block_ms = max(0.0, float(clock_ms() - revoked_ms))
-            self.registry.enforced(identity, block_ms, "session ended" if kicked else "no live session")
+            try:
+                if self.kind != "embedded":
+                    await self._enforce_on_mosquitto(identity, revoked_ms)
+                else:
+                    await self._enforce_on_embedded(identity, revoked_ms)
+            except Exception as e:  # recorded, so it is neither lost nor retried 20 times a second
+                log.exception("enforcing the revocation of %s failed", identity)
+                self.registry.not_enforced(identity, "NOT enforced: %s: %s" % (type(e).__name__, e))
+
+    async def _enforce_on_embedded(self, identity, revoked_ms):
+        import asyncio
+        self.broker.revoked = frozenset(self.revoked)
+        kicked = await asyncio.wait_for(self.broker.kick(identity), 5)
+        if self.broker.sessions.get(identity, (None, None))[1] is not None:
+            return  # try again on the next pass
+        block_ms = max(0.0, float(clock_ms() - revoked_ms))
+        self.registry.enforced(identity, block_ms, "session ended" if kicked else "no live session")
 
     async def _on_publish(self, identity, topic, payload):
         await self.ingest.submit(identity, topic, payload)
@@ -286,6 +327,7 @@ class Cloud:
         await self.mosquitto_ingest.start()
 
     def _write_crl(self):
+        self._crl_written_ms = clock_ms()
         tmp = self.crl_path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(self.ca.crl_pem(self.registry.revoked_serials()))
@@ -301,6 +343,7 @@ class Cloud:
         import asyncio
         from cloud.mosquitto import write_acl
         mdir = self.mosquitto.data_dir
+        self._kicking.add(identity)  # our probes and kick are not clones
         self._write_crl()
         write_acl(mdir, denied=sorted(self.revoked), quarantined=sorted(self.quarantined))
         self.mosquitto.reload()
@@ -310,7 +353,6 @@ class Cloud:
         else:
             await asyncio.sleep(0.3)  # no certificate on file to probe the reload with
             refused = None
-        self._kicking.add(identity)
         kicked = await self._takeover(identity)
         self._write_crl()
         self.mosquitto.reload()
@@ -349,6 +391,7 @@ class Cloud:
             await self.broker.stop()
             await asyncio.sleep(down_s)
             self.broker.quarantined = self.quarantined
+            self.broker.revoked = frozenset(self.revoked)
             await self.broker.start()
         else:
             await self.mosquitto.stop()

@@ -68,10 +68,15 @@ async def test_quarantined_device_is_confined_flagged_and_released(tmp_path, kin
         dev = await Client.connect(cloud, cred)
         view = cloud.store.tenant("acme")
         assert await dev.publish("t/acme/dev-1/telemetry", record(0), 1)
+        if kind == "embedded":
+            assert await dev.publish("q/acme/dev-1/diag", b"early", 9)  # not yet in quarantine: refused
+            assert [r.topic for r in cloud.broker.refusals] == ["q/acme/dev-1/diag"]
         cloud.registry.quarantine("acme/dev-1", "odd readings from site 9", "erin")
         assert await wait_for(lambda: "acme/dev-1" in cloud.quarantined)
         assert await dev.publish("t/acme/dev-1/telemetry", record(1), 2)   # still connected
         assert await dev.publish("q/acme/dev-1/diag", b"diagnostics", 3)  # quarantine topic
+        if kind == "embedded":
+            assert [r.topic for r in cloud.broker.refusals] == ["q/acme/dev-1/diag"]  # now allowed
         dev.writer.write(mqtt.subscribe(4, [("t/acme/dev-1/cmd", 1)]))
         granted = (await dev.next(mqtt.SubAck)).return_codes[0]
         if kind == "embedded":

@@ -1,7 +1,8 @@
-"""Revocation, tested as an attack: a device whose identity is revoked while
-it is connected is cut off at once, cannot come back, and the operation is
-audited with who, when and why. (Embedded broker; Mosquitto enforcement is
-not built yet and the command says so.)"""
+"""Revocation and clones, tested as attacks on both brokers: a device whose
+identity is revoked while it is connected is cut off at once, cannot come
+back, and the operation is audited with who, when and why; two devices
+holding one identity are detected, locked out (embedded) or flagged
+(Mosquitto), and audited."""
 
 import asyncio
 import os
@@ -197,10 +198,82 @@ async def test_cloned_identity_is_refused_and_audited_on_the_embedded_broker(tmp
         results = await cloned_pair_fights(cloud, cred, rounds=5)
         assert results[:3] == [0, 0, 0], results      # first connect and two takeovers
         assert results[3:] == [5, 5], results         # then: two devices, one identity: refused
+        assert await asyncio.wait_for(_until(lambda: "acme/dev-1" not in [
+            k for k, (sess, h) in cloud.broker.sessions.items() if h is not None]), 5)  # incumbent ended too
         audit = [a["action"] for a in cloud.registry.audit_rows(subject="acme/dev-1")]
-        assert audit.count("session_takeover") == 2 and audit.count("clone_suspected") == 2
+        assert audit == ["session_takeover", "session_takeover", "clone_suspected"]  # one row, not a flood
         assert "acme/dev-1" in cloud.clones
         assert any(r.reason == "clone_suspected" for r in cloud.broker.refusals)
+    finally:
+        await cloud.stop()
+
+
+async def _until(predicate):
+    while not predicate():
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_a_will_is_refused_so_it_cannot_publish_past_the_acl(tmp_path):
+    cloud = Cloud(tmp_path / "cloud")
+    cred = cloud.issue_device("acme", "dev-1")
+    await cloud.start()
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cloud.ca_path)
+        ctx.load_cert_chain(cred.certfile, cred.keyfile)
+        reader, writer = await asyncio.open_connection(cloud.host, cloud.port, ssl=ctx, server_hostname="localhost")
+        writer.write(mqtt.connect("acme/dev-1", 30, will=mqtt.Will("t/acme/dev-2/cmd", b"reboot")))
+        await writer.drain()
+        packets = mqtt.Parser().feed(await asyncio.wait_for(reader.readexactly(4), 5))
+        assert packets[0].return_code == 5
+        assert any(r.reason == "will_not_allowed" for r in cloud.broker.refusals)
+        writer.close()
+    finally:
+        await cloud.stop()
+
+
+def test_audit_rows_cannot_be_forged_from_the_command_line(tmp_path):
+    registry = Registry(str(tmp_path / "db"))
+    for actor, reason in [("cloud", "x"), ("broker", "x"), ("eve", "x\n2026-01-01 alice release acme/dev-1 ok"),
+                          ("eve\tx", "x"), ("eve", "y" * 501)]:
+        try:
+            registry.quarantine("acme/dev-1", reason, actor)
+            raise AssertionError("accepted %r %r" % (actor, reason))
+        except CloudError:
+            pass
+    assert registry.audit_rows() == []
+
+
+def test_identities_cannot_carry_acl_syntax_into_mosquitto():
+    from cloud.mosquitto import acl_text
+    assert "user acme/dev-1\ntopic deny #" in acl_text(denied=["acme/dev-1"])
+    try:
+        acl_text(denied=["acme/dev-1\ntopic readwrite #"])
+        raise AssertionError("accepted an identity with a newline")
+    except CloudError:
+        pass
+
+
+async def test_mosquitto_revocation_covers_certificates_older_than_the_database(tmp_path):
+    require_kind("mosquitto")
+    data = tmp_path / "cloud"
+    first = Cloud(data, broker="mosquitto")
+    cred = first.issue_device("acme", "dev-1")
+    first.registry.close()
+    os.remove(data / "tether.db")                 # as `tether demo` does on every run
+    cloud = Cloud(data, broker="mosquitto")
+    await cloud.start()
+    try:
+        cloud.registry.revoke("acme/dev-1", "old certificate", "dave")
+        assert await asyncio.wait_for(_until(lambda: cloud.registry.status("acme/dev-1")["enforced_ms"]), 10)
+        try:
+            _, w, rc = await mqtt_connect(cloud, cred)
+            w.close()
+            refused = rc != 0
+        except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+            refused = True
+        assert refused, "the certificate file predates the database, its serial must still be on the CRL"
     finally:
         await cloud.stop()
 
