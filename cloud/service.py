@@ -17,6 +17,7 @@ import time
 
 from cloud.broker import Broker
 from cloud.ca import CA, INGEST_IDENTITY, load_cert, write_private, write_public
+from cloud import probe
 from cloud.errors import CloudError
 from cloud.identity import Registry
 from cloud.ingest import AsyncIngest, Ingest
@@ -47,34 +48,7 @@ def default_limits():
 
 
 async def _mqtt_accepted(cloud, cred, client_id, timeout_s=3):
-    """Connect with these credentials: True on CONNACK 0, False if refused
-    (TLS or CONNACK), None if it could not tell."""
-    import asyncio
-    import ssl
-    from agent import mqtt
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cloud.ca_path)
-    ctx.load_cert_chain(*cred)
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            cloud.host, cloud.port, ssl=ctx, server_hostname="localhost"), timeout_s)
-    except ssl.SSLError:
-        return False
-    except (OSError, asyncio.TimeoutError):
-        return None
-    try:
-        writer.write(mqtt.connect(client_id, 30))
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(4), timeout_s)
-        if not data:
-            return False
-        return mqtt.Parser().feed(data)[0].return_code == 0
-    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
-        return False
-    except (OSError, asyncio.TimeoutError, IndexError):
-        return None
-    finally:
-        writer.close()
+    return await probe.accepted(cloud.host, cloud.port, cloud.ca_path, cred, client_id, timeout_s)
 
 
 async def _wait_refused(cloud, cred, timeout_s):

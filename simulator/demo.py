@@ -13,7 +13,7 @@ from cloud.service import Cloud
 from simulator import hostile, identity_drill, live
 from simulator.fleet import Fleet
 from simulator.report import render
-from simulator.verify import Check, summarize
+from simulator.verify import summarize
 
 
 def fleet_config(i):

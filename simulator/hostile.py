@@ -6,12 +6,12 @@ with no client certificate or one from a foreign CA (refused handshakes)."""
 
 import asyncio
 import os
-import ssl
 import tempfile
 
 import cbor2
 
 from agent import mqtt
+from cloud import probe
 from cloud.ca import CA, write_private, write_public
 from simulator.verify import Check
 
@@ -48,19 +48,10 @@ class Attacks:
         self.results["no_client_cert"] = await self._handshake(None)
         self.results["foreign_ca"] = await self._handshake(self._foreign_cred())
 
-    def _context(self, cred):
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(self.cloud.ca_path)
-        if cred is not None:
-            ctx.load_cert_chain(cred[0], cred[1])
-        return ctx
-
     async def _publish_all(self):
-        reader, writer = await asyncio.open_connection(
-            self.cloud.host, self.cloud.port, ssl=self._context((self.cred.certfile, self.cred.keyfile)),
-            server_hostname="localhost")
+        reader, writer, rc = await probe.connect(self.cloud.host, self.cloud.port, self.cloud.ca_path,
+                                                 (self.cred.certfile, self.cred.keyfile), "%s/%s" % ROGUE)
         parser = mqtt.Parser()
-        writer.write(mqtt.connect("%s/%s" % ROGUE, 30))
         acks = 0
         try:
             for pid, (_, topic, payload) in enumerate(self.payloads(), start=1):
@@ -86,33 +77,17 @@ class Attacks:
         return os.path.join(folder, "d.crt"), os.path.join(folder, "d.key")
 
     async def _handshake(self, cred):
-        """'refused' only if TLS itself turned the client away: a handshake
-        alert, or (TLS 1.3, where the server checks the client certificate
-        after the client thinks it is done) the connection closed before any
-        CONNACK. Anything else is inconclusive, and the check fails."""
+        """'refused' only if TLS itself turned the client away; anything else
+        is inconclusive, and the check fails."""
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                self.cloud.host, self.cloud.port, ssl=self._context(cred), server_hostname="localhost"), 5)
-        except ssl.SSLError as e:
+            _, writer, rc = await probe.connect(self.cloud.host, self.cloud.port, self.cloud.ca_path,
+                                                cred, "%s/%s" % ROGUE)
+        except probe.Refused:
             return "refused"
         except (OSError, asyncio.TimeoutError) as e:
             return "inconclusive: %s" % type(e).__name__
-        try:
-            writer.write(mqtt.connect("%s/%s" % ROGUE, 30))
-            await writer.drain()
-            data = await asyncio.wait_for(reader.read(4), 5)
-        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
-            return "refused"
-        except (OSError, asyncio.TimeoutError) as e:
-            return "inconclusive: %s" % type(e).__name__
-        finally:
-            writer.close()
-        if not data:
-            return "refused"
-        packets = mqtt.Parser().feed(data)
-        if any(isinstance(p, mqtt.ConnAck) and p.return_code == 0 for p in packets):
-            return "accepted"
-        return "inconclusive: no TLS refusal, got %r" % (data,)
+        writer.close()
+        return "accepted" if rc == 0 else "inconclusive: CONNACK %d, not a TLS refusal" % rc
 
     def identity_counts(self):
         """The connection-level attacks (identity controls) and how many were refused."""

@@ -5,7 +5,7 @@ Measures how long revocation took to bite and counts the refusals."""
 import asyncio
 import ssl
 
-from agent import mqtt
+from cloud import probe
 from simulator.verify import Check
 
 VICTIMS = 3
@@ -25,17 +25,8 @@ class RevocationDrill:
         self.ran = False
 
     async def _connect(self, cred):
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(self.cloud.ca_path)
-        ctx.load_cert_chain(cred.certfile, cred.keyfile)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            self.cloud.host, self.cloud.port, ssl=ctx, server_hostname="localhost"), 5)
-        writer.write(mqtt.connect("%s/%s" % (cred.tenant, cred.device), 30))
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(4), 5)
-        if not data:
-            raise ConnectionResetError("closed before CONNACK")
-        return reader, writer, mqtt.Parser().feed(data)[0].return_code
+        return await probe.connect(self.cloud.host, self.cloud.port, self.cloud.ca_path,
+                                   (cred.certfile, cred.keyfile), "%s/%s" % (cred.tenant, cred.device))
 
     async def run(self):
         links = [await self._connect(c) for c in self.creds]
@@ -63,7 +54,7 @@ class RevocationDrill:
                     _, writer, rc = await self._connect(cred)
                     writer.close()
                     self.refused += rc != 0
-                except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+                except probe.Refused:
                     self.refused += 1
                 except (OSError, asyncio.TimeoutError):
                     pass  # inconclusive: not counted as refused
@@ -78,7 +69,7 @@ class RevocationDrill:
                 _, writer, rc = await self._connect(self.clone)
                 writers.append(writer)
                 self.clone_refused = self.clone_refused or rc != 0
-            except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            except (probe.Refused, OSError, asyncio.TimeoutError):
                 pass
             await asyncio.sleep(0.05)
         for _ in range(40):  # Mosquitto's takeovers are read from its log
