@@ -55,6 +55,17 @@ class Registry:
     def close(self):
         self._db.close()
 
+    def _atomic(self, fn):
+        """Run fn() in one transaction: a row and its audit row land together."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return result
+
     # -- audit ------------------------------------------------------------------
 
     def audit(self, actor, action, subject, reason, detail=""):
@@ -84,18 +95,24 @@ class Registry:
         """Confine the device: it stays connected, its telemetry is flagged
         and kept apart, it may only use the quarantine topics. Audited."""
         self._require(identity, reason, actor)
-        cur = self._db.execute("INSERT OR IGNORE INTO quarantine VALUES (?, ?, ?, ?)",
-                               (identity, reason, actor, self.clock_ms()))
-        if cur.rowcount:
-            self.audit(actor, "quarantine", identity, reason)
-        return bool(cur.rowcount)
+
+        def op():
+            cur = self._db.execute("INSERT OR IGNORE INTO quarantine VALUES (?, ?, ?, ?)",
+                                   (identity, reason, actor, self.clock_ms()))
+            if cur.rowcount:
+                self.audit(actor, "quarantine", identity, reason)
+            return bool(cur.rowcount)
+        return self._atomic(op)
 
     def release(self, identity, reason, actor):
         self._require(identity, reason, actor)
-        cur = self._db.execute("DELETE FROM quarantine WHERE identity = ?", (identity,))
-        if cur.rowcount:
-            self.audit(actor, "release", identity, reason)
-        return bool(cur.rowcount)
+
+        def op():
+            cur = self._db.execute("DELETE FROM quarantine WHERE identity = ?", (identity,))
+            if cur.rowcount:
+                self.audit(actor, "release", identity, reason)
+            return bool(cur.rowcount)
+        return self._atomic(op)
 
     def quarantined(self):
         return frozenset(row[0] for row in self._db.execute("SELECT identity FROM quarantine"))
@@ -128,12 +145,15 @@ class Registry:
         """Record the revocation (idempotent) and audit it. Enforcement is
         the running cloud's job (`pending()` / `enforced()`)."""
         self._require(identity, reason, actor)
-        cur = self._db.execute(
-            "INSERT OR IGNORE INTO revocations (identity, reason, actor, revoked_ms)"
-            " VALUES (?, ?, ?, ?)", (identity, reason, actor, self.clock_ms()))
-        if cur.rowcount:
-            self.audit(actor, "revoke", identity, reason)
-        return bool(cur.rowcount)
+
+        def op():
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO revocations (identity, reason, actor, revoked_ms)"
+                " VALUES (?, ?, ?, ?)", (identity, reason, actor, self.clock_ms()))
+            if cur.rowcount:
+                self.audit(actor, "revoke", identity, reason)
+            return bool(cur.rowcount)
+        return self._atomic(op)
 
     def revoked(self):
         return {row[0] for row in self._db.execute("SELECT identity FROM revocations")}
@@ -152,15 +172,19 @@ class Registry:
         self._db.execute("UPDATE revocations SET note = NULL WHERE enforced_ms IS NULL")
 
     def not_enforced(self, identity, note):
-        self._db.execute("UPDATE revocations SET note = ? WHERE identity = ?", (note, identity))
-        self.audit("cloud", "revocation_not_enforced", identity, "revoked", note)
+        def op():
+            self._db.execute("UPDATE revocations SET note = ? WHERE identity = ?", (note, identity))
+            self.audit("cloud", "revocation_not_enforced", identity, "revoked", note)
+        self._atomic(op)
 
     def enforced(self, identity, block_ms, note):
-        self._db.execute("UPDATE revocations SET enforced_ms = ?, block_ms = ?, note = ?"
-                         " WHERE identity = ?", (self.clock_ms(), block_ms, note, identity))
-        self.audit("cloud", "revocation_enforced", identity, "revoked",
-                   "%s; %.1f ms from revocation to session closed and reconnects refused"
-                   % (note, block_ms))
+        def op():
+            self._db.execute("UPDATE revocations SET enforced_ms = ?, block_ms = ?, note = ?"
+                             " WHERE identity = ?", (self.clock_ms(), block_ms, note, identity))
+            self.audit("cloud", "revocation_enforced", identity, "revoked",
+                       "%s; %.1f ms from revocation to session closed and reconnects refused"
+                       % (note, block_ms))
+        self._atomic(op)
 
     def status(self, identity):
         row = self._db.execute(

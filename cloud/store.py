@@ -279,8 +279,10 @@ class TenantView:
         args.append(_limit(limit))
         return [dict(zip(("device", "epoch", "seq", "flag"), row)) for row in self._db.execute(sql, args)]
 
-    def count_telemetry(self, device=None):
+    def count_telemetry(self, device=None, include_flagged=False):
         sql = "SELECT COUNT(*) FROM telemetry WHERE tenant = ?"
+        if not include_flagged:
+            sql += _NOT_FLAGGED
         args = [self.tenant_id]
         if device is not None:
             sql += " AND device = ?"

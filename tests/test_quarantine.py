@@ -68,6 +68,9 @@ async def test_quarantined_device_is_confined_flagged_and_released(tmp_path, kin
         dev = await Client.connect(cloud, cred)
         view = cloud.store.tenant("acme")
         assert await dev.publish("t/acme/dev-1/telemetry", record(0), 1)
+        # On Mosquitto the PUBACK comes before the ingest stores; the flag is
+        # decided when it stores (docs/security.md, known gaps), so wait.
+        assert await wait_for(lambda: len(view.telemetry(device="dev-1", include_flagged=True)) == 1)
         if kind == "embedded":
             assert await dev.publish("q/acme/dev-1/diag", b"early", 9)  # not yet in quarantine: refused
             assert [r.topic for r in cloud.broker.refusals] == ["q/acme/dev-1/diag"]
