@@ -223,28 +223,31 @@ class CA:
             raise CAError("ca.key does not match ca.crt in %s" % dirpath, code="ca_key_mismatch")
         return cls(cert, key, dirpath)
 
-    def _issue(self, cn, eku, days, now, san=None):
+    def _issue(self, cn, eku, days, now, san=None, public_key=None):
+        """-> (cert_pem, key_pem); with public_key (the device made its own
+        key) -> (cert_pem, None): there is no private key to hand out."""
         now = now or _utcnow()
-        key = _new_key()
+        key = _new_key() if public_key is None else None
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(cn))
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key if public_key is not None else key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                public_key if public_key is not None else key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._ski),
                            critical=False)
         )
         if san is not None:
             builder = builder.add_extension(san, critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+        return cert.public_bytes(serialization.Encoding.PEM), None if key is None else _key_pem(key)
 
     def crl_pem(self, serials, days=7, now=None):
         """A CRL revoking these serial numbers, signed by this CA."""
@@ -262,6 +265,24 @@ class CA:
         """-> (cert_pem, key_pem) for identity '<tenant>/<device>' (clientAuth)."""
         identity = make_identity(tenant, device)
         return self._issue(identity, ExtendedKeyUsageOID.CLIENT_AUTH, days, now)
+
+    def issue_from_csr(self, csr_pem, tenant, device, days=DEVICE_DAYS, now=None):
+        """A device certificate for a key the device made itself. The CSR's
+        signature must verify (the device holds the key) and it must be a
+        P-256 key; the identity comes from the cloud's decision (tenant,
+        device), never from the CSR's subject. -> cert_pem."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as e:
+            raise CAError("not a PEM CSR: %s" % e, code="bad_csr") from None
+        if not csr.is_signature_valid:
+            raise CAError("CSR signature does not verify", code="bad_csr")
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+            raise CAError("device keys must be ECDSA P-256", code="bad_csr")
+        identity = make_identity(tenant, device)
+        cert_pem, _ = self._issue(identity, ExtendedKeyUsageOID.CLIENT_AUTH, days, now, public_key=public_key)
+        return cert_pem
 
     def issue_client(self, cn=INGEST_IDENTITY, days=DEVICE_DAYS, now=None):
         """-> (cert_pem, key_pem) for one of the cloud's own clients ('$cloud/<name>')."""
