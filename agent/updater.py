@@ -1,0 +1,361 @@
+# The device side of a firmware update: verified offer, chunked resumable
+# download into the inactive slot, install, trial boot, confirm or roll back.
+# Sans-IO: it takes events and returns lists of actions; the driver executes
+# them in order and stops at the first power cut.
+#
+# Everything that must survive a reboot is in one boot-state record, written
+# atomically (WriteBootState) *before* any step that cannot be undone. The
+# bootloader (board/slots.py on the sim) reads the same record: it boots
+# `active`, except in phase "installed", where it writes phase "trial" and
+# boots `target` once; finding "trial" at boot means the trial image
+# rebooted without confirming, so it writes "rolled_back" and boots `active`.
+#
+# The flow, as mender-mcu writes it: phase -> (next on success, on failure).
+# "rejected" and "rolled_back" never touch the active slot.
+#
+#   idle/confirmed/rolled_back/rejected --Offer--> downloading | rejected
+#   downloading --last Chunk--> verified          | rejected (bad chunk)
+#   verified    --(no event)--> installed, Reboot
+#   installed   --bootloader--> trial             (boot target once)
+#   trial       --Healthy N---> confirmed         | rolled_back (timeout, reboot)
+#
+# Every (state, event) pair accepted is in TRANSITIONS; any other pair is a
+# LocalError and the machine refuses further use. Pairs the network's timing
+# can cause (a late chunk, a repeated offer) are in the table and ignored.
+
+from agent import cbor
+from agent import manifest as mf
+from agent.errors import LocalError, RemoteError
+from agent.value import Value
+
+OFF = "off"                  # not booted yet: only Booted is accepted
+IDLE = "idle"
+DOWNLOADING = "downloading"
+VERIFIED = "verified"
+INSTALLED = "installed"      # boot slot switched, trial pending
+TRIAL = "trial"
+CONFIRMED = "confirmed"
+ROLLED_BACK = "rolled_back"
+REJECTED = "rejected"
+ERROR = "error"
+
+PHASES = (IDLE, DOWNLOADING, VERIFIED, INSTALLED, TRIAL, CONFIRMED, ROLLED_BACK, REJECTED)
+BOOT_STATE_VERSION = 1
+SLOTS = 2
+
+
+# ---------------------------------------------------------------- events
+
+class Offer(Value):
+    """The cloud offers a release bundle. now_ms is the device's wall clock
+    (for the manifest's expiry)."""
+    __slots__ = ("bundle", "now_ms")
+
+    def __init__(self, bundle, now_ms):
+        self.bundle = bundle
+        self.now_ms = now_ms
+
+
+class Chunk(Value):
+    __slots__ = ("index", "data")
+
+    def __init__(self, index, data):
+        self.index = index
+        self.data = data
+
+
+class Booted(Value):
+    """The bootloader started `slot`; boot_state is the record it left (bytes or None)."""
+    __slots__ = ("slot", "boot_state")
+
+    def __init__(self, slot, boot_state):
+        self.slot = slot
+        self.boot_state = boot_state
+
+
+class Healthy(Value):
+    """acked_count telemetry records acknowledged since this boot."""
+    __slots__ = ("acked_count", "now_ms")
+
+    def __init__(self, acked_count, now_ms):
+        self.acked_count = acked_count
+        self.now_ms = now_ms
+
+
+class Tick(Value):
+    __slots__ = ("now_ms",)
+
+    def __init__(self, now_ms):
+        self.now_ms = now_ms
+
+
+# ---------------------------------------------------------------- actions
+
+class WriteSlot(Value):
+    __slots__ = ("slot", "offset", "data")
+
+    def __init__(self, slot, offset, data):
+        self.slot = slot
+        self.offset = offset
+        self.data = data
+
+
+class WriteBootState(Value):
+    """Replace the boot-state record, all or nothing."""
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+
+class Reboot(Value):
+    __slots__ = ()
+
+
+class Report(Value):
+    """A status report. (rollout, seq) identifies it: the same report may be
+    sent again after a reboot, with the same seq, and the cloud keeps one."""
+    __slots__ = ("status", "reason", "seq")
+
+    def __init__(self, status, reason, seq):
+        self.status = status
+        self.reason = reason
+        self.seq = seq
+
+
+class RequestChunk(Value):
+    __slots__ = ("index",)
+
+    def __init__(self, index):
+        self.index = index
+
+
+# ---------------------------------------------------------------- boot state
+
+class BootState:
+    """The persisted record. `active` is the confirmed slot, `sv` and `ksv`
+    the confirmed security and key-set versions, `seq` the number of the
+    last status report, `manifest` the verified manifest bytes of the update
+    in progress (b"" when none), `cursor` the next chunk to download."""
+
+    def __init__(self, active=0, sv=0, ksv=0, phase=IDLE, target=0, cursor=0, seq=0,
+                 reason="", manifest=b"", trial_sv=0, trial_ksv=0):
+        self.active = active
+        self.sv = sv
+        self.ksv = ksv
+        self.phase = phase
+        self.target = target
+        self.cursor = cursor
+        self.seq = seq
+        self.reason = reason
+        self.manifest = manifest
+        self.trial_sv = trial_sv
+        self.trial_ksv = trial_ksv
+
+    def copy(self, **changes):
+        new = BootState(self.active, self.sv, self.ksv, self.phase, self.target, self.cursor,
+                        self.seq, self.reason, self.manifest, self.trial_sv, self.trial_ksv)
+        for name in changes:
+            setattr(new, name, changes[name])
+        return new
+
+    def encode(self):
+        return cbor.dumps({"v": BOOT_STATE_VERSION, "a": self.active, "sv": self.sv,
+                           "ksv": self.ksv, "ph": self.phase, "t": self.target,
+                           "c": self.cursor, "seq": self.seq, "why": self.reason,
+                           "m": self.manifest, "tsv": self.trial_sv, "tksv": self.trial_ksv})
+
+
+def decode_boot_state(blob, default_active=0):
+    """The BootState in blob; a factory record (idle, slot default_active)
+    when blob is None. Damage raises LocalError: it is written atomically,
+    so damage is a bug, not a power cut."""
+    if blob is None:
+        return BootState(active=default_active)
+    try:
+        f = cbor.loads(blob)
+    except RemoteError:
+        raise LocalError("boot state is not CBOR", "bad_boot_state")
+    if not isinstance(f, dict) or f.get("v") != BOOT_STATE_VERSION or f.get("ph") not in PHASES:
+        raise LocalError("boot state is damaged", "bad_boot_state")
+    return BootState(f["a"], f["sv"], f["ksv"], f["ph"], f["t"], f["c"], f["seq"], f["why"],
+                     f["m"], f["tsv"], f["tksv"])
+
+
+# ---------------------------------------------------------------- the machine
+
+TRANSITIONS = {
+    (OFF, Booted): "_booted",
+    (IDLE, Offer): "_offer",
+    (CONFIRMED, Offer): "_offer",
+    (ROLLED_BACK, Offer): "_offer",
+    (REJECTED, Offer): "_offer",
+    (DOWNLOADING, Chunk): "_chunk",
+    (DOWNLOADING, Offer): "_rerequest",
+    (TRIAL, Healthy): "_healthy",
+    (TRIAL, Tick): "_tick",
+}
+_IGNORED = (Chunk, Healthy, Tick, Offer)   # late or repeated network input elsewhere
+
+
+class Config:
+    """trial_acks_min telemetry records acknowledged within trial_ms_max of
+    the trial boot confirm the new image."""
+
+    def __init__(self, hw_class, root_public_key, k=2, trial_acks_min=3, trial_ms_max=60000):
+        if trial_acks_min < 1 or trial_ms_max < 1:
+            raise ValueError("trial_acks_min >= 1 and trial_ms_max >= 1")
+        self.hw_class = hw_class
+        self.root_public_key = root_public_key
+        self.k = k
+        self.trial_acks_min = trial_acks_min
+        self.trial_ms_max = trial_ms_max
+
+
+class Updater:
+    def __init__(self, config, log=None):
+        self.config = config
+        self.log = log or _no_log
+        self.state = OFF
+        self.boot = None          # the BootState as last written (or read at boot)
+        self.slot = None          # the slot running now
+        self._verifier = None     # ChunkVerifier while downloading
+        self._trial_start_ms = None
+
+    def handle(self, event):
+        if self.state == ERROR:
+            raise LocalError("updater failed earlier", "failed")
+        name = TRANSITIONS.get((self.state, type(event)))
+        if name is None:
+            if self.state != OFF and isinstance(event, _IGNORED):
+                self.log("ignored %s in %s" % (type(event).__name__, self.state))
+                return []
+            prior = self.state
+            self.state = ERROR
+            raise LocalError("%s is not allowed in state %s" % (
+                type(event).__name__, prior), "bad_transition")
+        return getattr(self, name)(event)
+
+    # -- boot ---------------------------------------------------------------
+
+    def _booted(self, event):
+        self.boot = decode_boot_state(event.boot_state, event.slot)
+        self.slot = event.slot
+        phase = self.boot.phase
+        if phase == DOWNLOADING:
+            return self._resume()
+        if phase == VERIFIED:
+            return self._install()
+        if phase == TRIAL:
+            if event.slot != self.boot.target:
+                return self._roll_back("boot_failed")
+            self.state = TRIAL
+            return [self._report()]
+        if phase == INSTALLED:   # the bootloader always moves it on: a board without one
+            return self._roll_back("no_trial")
+        self.state = phase
+        return [] if phase == IDLE else [self._report()]
+
+    def _resume(self):
+        manifest = mf.parse(self.boot.manifest)
+        self._verifier = mf.ChunkVerifier(manifest, whole=self.boot.cursor == 0)
+        self._verifier.next_index = self.boot.cursor
+        self._verifier.received_bytes = self.boot.cursor * mf.CHUNK_BYTES
+        self.state = DOWNLOADING
+        return [self._report(), RequestChunk(self.boot.cursor)]
+
+    # -- offer and download ------------------------------------------------
+
+    def _offer(self, event):
+        c = self.config
+        try:
+            manifest = mf.verify_release(event.bundle, c.root_public_key, c.k, self.boot.ksv)
+            mf.check(manifest, c.hw_class, self.boot.sv, event.now_ms // 1000)
+        except RemoteError as error:   # ManifestError, CBORError
+            return self._reject(error.code)
+        boot = self.boot.copy(phase=DOWNLOADING, target=1 - self.boot.active, cursor=0,
+                              reason="", manifest=manifest.encode(),
+                              trial_sv=manifest.security_version,
+                              trial_ksv=manifest.keyset_version)
+        self._verifier = mf.ChunkVerifier(manifest)
+        self.state = DOWNLOADING
+        return self._save(boot) + [RequestChunk(0)]
+
+    def _rerequest(self, event):
+        return [RequestChunk(self.boot.cursor)]
+
+    def _chunk(self, event):
+        if event.index < self.boot.cursor:        # a late duplicate
+            return []
+        try:
+            self._verifier.update(event.index, event.data)
+        except mf.ManifestError as error:
+            return self._reject(error.code)
+        index = event.index
+        write = WriteSlot(self.boot.target, index * mf.CHUNK_BYTES, event.data)
+        boot = self.boot.copy(cursor=index + 1)
+        if boot.cursor < self._verifier.manifest.chunk_count():
+            self.boot = boot
+            return [write, WriteBootState(boot.encode()), RequestChunk(boot.cursor)]
+        try:
+            self._verifier.finish()
+        except mf.ManifestError as error:
+            return [write] + self._reject(error.code)
+        return [write] + self._save(boot.copy(phase=VERIFIED)) + self._install()
+
+    def _install(self):
+        self._verifier = None
+        self.state = INSTALLED
+        return self._save(self.boot.copy(phase=INSTALLED)) + [Reboot()]
+
+    def _reject(self, reason):
+        self._verifier = None
+        self.state = REJECTED
+        return self._save(self.boot.copy(phase=REJECTED, reason=reason, cursor=0, manifest=b""))
+
+    # -- trial ---------------------------------------------------------------
+
+    def _healthy(self, event):
+        self._start_clock(event.now_ms)
+        if event.acked_count >= self.config.trial_acks_min:
+            return self._confirm()
+        return self._tick(event)
+
+    def _tick(self, event):
+        self._start_clock(event.now_ms)
+        if event.now_ms - self._trial_start_ms >= self.config.trial_ms_max:
+            return self._roll_back("trial_timeout")
+        return []
+
+    def _start_clock(self, now_ms):
+        if self._trial_start_ms is None:
+            self._trial_start_ms = now_ms
+
+    def _confirm(self):
+        b = self.boot
+        self.state = CONFIRMED
+        return self._save(b.copy(phase=CONFIRMED, active=b.target, sv=max(b.sv, b.trial_sv),
+                                 ksv=max(b.ksv, b.trial_ksv), manifest=b"", cursor=0))
+
+    def _roll_back(self, reason):
+        self.state = ROLLED_BACK
+        actions = self._save(self.boot.copy(phase=ROLLED_BACK, reason=reason, manifest=b"",
+                                            cursor=0))
+        if self.slot != self.boot.active:
+            actions.append(Reboot())
+        return actions
+
+    # -- helpers -------------------------------------------------------------
+
+    def _save(self, boot):
+        """Persist a new phase with the next report seq, then report it."""
+        boot.seq = self.boot.seq + 1
+        self.boot = boot
+        return [WriteBootState(boot.encode()), self._report()]
+
+    def _report(self):
+        return Report(self.boot.phase, self.boot.reason, self.boot.seq)
+
+
+def _no_log(message):
+    pass
