@@ -26,6 +26,7 @@
 from agent import cbor
 from agent import manifest as mf
 from agent.errors import LocalError, RemoteError
+from agent.events import Tick  # noqa: F401  (the same event as the telemetry core's)
 from agent.value import Value
 
 OFF = "off"                  # not booted yet: only Booted is accepted
@@ -79,13 +80,6 @@ class Healthy(Value):
 
     def __init__(self, acked_count, now_ms):
         self.acked_count = acked_count
-        self.now_ms = now_ms
-
-
-class Tick(Value):
-    __slots__ = ("now_ms",)
-
-    def __init__(self, now_ms):
         self.now_ms = now_ms
 
 
