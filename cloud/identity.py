@@ -158,10 +158,6 @@ class Registry:
     def revoked(self):
         return {row[0] for row in self._db.execute("SELECT identity FROM revocations")}
 
-    def is_revoked(self, identity):
-        return self._db.execute("SELECT 1 FROM revocations WHERE identity = ?",
-                                (identity,)).fetchone() is not None
-
     def pending(self):
         """Revocations not yet enforced nor found unenforceable: [(identity, revoked_ms)]."""
         return list(self._db.execute(

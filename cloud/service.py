@@ -54,10 +54,9 @@ async def _mqtt_accepted(cloud, cred, client_id, timeout_s=3):
 async def _wait_refused(cloud, cred, timeout_s):
     """Probe until Mosquitto refuses this certificate (its CRL reload is done)."""
     import asyncio
-    identity = None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if await _mqtt_accepted(cloud, cred, identity or "probe") is False:
+        if await _mqtt_accepted(cloud, cred, "probe") is False:
             return True
         await asyncio.sleep(0.05)
     return False

@@ -3,10 +3,10 @@
 
 import asyncio
 import random
-import ssl
 import time
 
 from agent import telemetry
+from cloud import probe
 from cloud.service import DeviceCredential as Credential  # noqa: F401  (re-exported)
 from simulator.device import VirtualDevice
 
@@ -42,11 +42,8 @@ class Metrics:
 
 
 def client_context(cafile, certfile, keyfile):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cafile)
-    ctx.load_cert_chain(certfile, keyfile)
-    return ctx
+    """One device's mTLS context (the same one the cloud's probes use)."""
+    return probe.client_context(cafile, (certfile, keyfile))
 
 
 class Fleet:
