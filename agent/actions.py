@@ -47,3 +47,41 @@ class Log(Action):
     def __init__(self, code, detail):
         self.code = code
         self.detail = detail
+
+
+class MakeKey(Action):
+    """Make a new device key in keystore slot `name` (replacing any key there)
+    and a CSR signed by it; answer with KeyMade(name, csr_der)."""
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+
+class Sign(Action):
+    """Sign a SHA-256 digest with the key in slot `name`; answer with Signed."""
+    __slots__ = ("name", "digest")
+
+    def __init__(self, name, digest):
+        self.name = name
+        self.digest = digest
+
+
+class UseIdentity(Action):
+    """From now on connect with this identity: the key in slot `name` and
+    certificate `cert` (DER); name None means the factory claim certificate
+    on the provisioning endpoint. Drop the current connection if it uses
+    another identity. Answer with Connected, Refused or ConnectionLost."""
+    __slots__ = ("name", "cert")
+
+    def __init__(self, name, cert):
+        self.name = name
+        self.cert = cert
+
+
+class DeleteKey(Action):
+    """Erase the key in slot `name`: it is no longer needed."""
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name

@@ -47,3 +47,41 @@ class PubAcked(Event):
 
     def __init__(self, token):
         self.token = token
+
+
+class KeyMade(Event):
+    """The board made the key asked for (MakeKey) and a CSR signed by it (DER)."""
+    __slots__ = ("name", "csr")
+
+    def __init__(self, name, csr):
+        self.name = name
+        self.csr = csr
+
+
+class Signed(Event):
+    """The board signed the digest asked for (Sign): raw r || s, 64 bytes."""
+    __slots__ = ("name", "signature")
+
+    def __init__(self, name, signature):
+        self.name = name
+        self.signature = signature
+
+
+class Message(Event):
+    """A PUBLISH arrived from the cloud on a topic the device subscribed to."""
+    __slots__ = ("now_ms", "topic", "payload")
+
+    def __init__(self, now_ms, topic, payload):
+        self.now_ms = now_ms
+        self.topic = topic
+        self.payload = payload
+
+
+class Refused(Event):
+    """TLS or the broker refused the identity we connected with (not a network
+    failure): reason is e.g. "cert_expired", "not_authorized", "tls"."""
+    __slots__ = ("now_ms", "reason")
+
+    def __init__(self, now_ms, reason):
+        self.now_ms = now_ms
+        self.reason = reason

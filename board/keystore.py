@@ -16,8 +16,11 @@ file and the key-encryption secret (kept in a separate 0600 file, ideally on
 another partition or in a TPM); a PKCS#11 backend that keeps the key on a
 token is the next step (docs/security.md).
 
-An ESP32 keystore keeps the key in NVS or the filesystem under flash
-encryption (a build requirement); MicroPython cannot sign with ECDSA yet.
+`FlashKeystore` (board.sim, persistent): keys on the simulated flash, so
+they survive power cuts like an ESP32's NVS. The ESP32 keystore
+(board/esp32_keystore.py) signs with the portable agent/p256sign.py; the
+PKCS#11 one (board/keystore_pkcs11.py) keeps the key on a token. What each
+protects and what it does not: docs/keystores.md.
 """
 
 import os
@@ -63,6 +66,40 @@ class _Keystore:
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         return builder.sign(self._key(name), hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
+    def csr_der(self, name, common_name):
+        """The CSR as DER, the form the agent core sends (agent/enroll.py)."""
+        csr = x509.load_pem_x509_csr(self.csr(name, common_name))
+        return csr.public_bytes(serialization.Encoding.DER)
+
+    def client_context(self, name, cert, cafile):
+        """An mTLS client context (ssl) for the key in slot `name` and its
+        certificate (DER or PEM). Python's ssl loads keys only from files: the
+        key is written to a 0600 temporary file, loaded, and the file removed
+        at once (sim and tests; a real board's TLS stack takes the key where
+        it lives, see docs/keystores.md)."""
+        import ssl
+        import tempfile
+        if not bytes(cert).lstrip().startswith(b"-----"):
+            cert = x509.load_der_x509_certificate(bytes(cert)).public_bytes(serialization.Encoding.PEM)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cafile)
+        with tempfile.TemporaryDirectory() as tmp:
+            keyfile, certfile = os.path.join(tmp, "k.pem"), os.path.join(tmp, "c.pem")
+            _write_private(keyfile, self._key(name).private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            _write_private(certfile, bytes(cert))
+            ctx.load_cert_chain(certfile, keyfile)
+        return ctx
+
+    def matches(self, name, cert):
+        """True if the certificate (DER or PEM) is for the key in slot `name`."""
+        data = bytes(cert)
+        c = x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----") \
+            else x509.load_der_x509_certificate(data)
+        return self.public_key(name) == c.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+
     def export(self, name):
         raise KeyExportRefused("private keys never leave this keystore")
 
@@ -84,6 +121,35 @@ class MemoryKeystore(_Keystore):
 
     def delete(self, name):
         self._keys.pop(name, None)
+
+
+class FlashKeystore(_Keystore):
+    """board.sim with persistence: keys live on the simulated flash (so they
+    survive reboots and power cuts, as in an ESP32's NVS), one atomic write
+    per key; export refused. The flash is the model of secure storage."""
+    capabilities = {"non_exportable": True, "encrypted_at_rest": False, "hardware_backed": False}
+    PREFIX = "key-"
+
+    def __init__(self, flash):
+        self.flash = flash
+
+    def generate(self, name):
+        key = ec.generate_private_key(ec.SECP256R1())
+        self.flash.write_atomic(self.PREFIX + name, key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        return _public_bytes(key)
+
+    def _key(self, name, missing_ok=False):
+        blob = self.flash.read(self.PREFIX + name)
+        if blob is None:
+            if missing_ok:
+                return None
+            raise KeyError(name)
+        return serialization.load_der_private_key(blob, password=None)
+
+    def delete(self, name):
+        if self.flash.read(self.PREFIX + name) is not None:
+            self.flash.remove(self.PREFIX + name)
 
 
 class FileKeystore(_Keystore):

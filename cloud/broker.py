@@ -40,7 +40,8 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import INCOMING
 
-from cloud.ca import INGEST_IDENTITY, identity_of, is_cloud_identity, parse_identity
+from cloud.ca import (CLAIMS_IDENTITY, INGEST_IDENTITY, PROVISIONER_IDENTITIES, check_id, identity_of,
+                      is_claim_identity, is_cloud_identity, parse_identity)
 from cloud.errors import BrokerError, CloudError
 
 IDENTITY_KEY = "tether.identity"
@@ -67,6 +68,8 @@ R_TLS = "tls_failed"                  # tls: anything else (garbage, timeout, ol
 R_BAD_IDENTITY = "bad_identity"       # connect: CN is neither device nor cloud identity
 R_CLIENT_ID = "client_id_mismatch"    # connect
 R_NOT_AUTHORIZED = "not_authorized"   # connect: authorize() said no
+R_CERT_REVOKED = "cert_revoked"       # connect: this certificate was retired or revoked (CRL)
+R_WRONG_LISTENER = "wrong_listener"   # connect: e.g. a device identity on the provisioning port
 R_CLONE = "clone_suspected"           # connect: the identity keeps taking itself over
 R_WILL = "will_not_allowed"           # connect: a will would publish unchecked when the link drops
 R_NOT_PERMITTED = "not_permitted"     # publish / subscribe: ACL
@@ -99,22 +102,56 @@ def quiet_amqtt(level=logging.ERROR):
         logging.getLogger(name).setLevel(level)
 
 
-def permits(identity, action, topic, quarantined=False):
+def permits(identity, action, topic, quarantined=False, client_id=None):
     """The ACL: may `identity` publish / subscribe / receive `topic`? A
     quarantined device keeps its telemetry topic (the ingest flags what it
     sends) and gains the quarantine topics, diagnostics out and updates in;
-    it loses its command topic."""
+    it loses its command topic. Enrollment (docs/identity.md): a claim
+    certificate reaches only prov/<claim>/<its client id>/req and resp; a
+    device its own t/<id>/enroll and t/<id>/cert; the provisioning service
+    the other ends of both."""
     if identity == INGEST_IDENTITY:
         return action in (SUBSCRIBE, RECEIVE) and topic.split("/")[0] == "t"
+    if identity in PROVISIONER_IDENTITIES:
+        return _provisioner_permits(identity, action, topic)
+    if is_claim_identity(identity):
+        if client_id is None:
+            return False
+        if action == PUBLISH:
+            return topic == "prov/%s/%s/req" % (identity, client_id)
+        return action in (SUBSCRIBE, RECEIVE) and topic == "prov/%s/%s/resp" % (identity, client_id)
     if is_cloud_identity(identity):
         return False
     if action == PUBLISH:
-        return topic == "t/%s/telemetry" % identity or (quarantined and topic == "q/%s/diag" % identity)
+        return topic in ("t/%s/telemetry" % identity, "t/%s/enroll" % identity) or \
+            (quarantined and topic == "q/%s/diag" % identity)
     if action in (SUBSCRIBE, RECEIVE):
+        if topic == "t/%s/cert" % identity:
+            return True
         if quarantined:
             return topic == "q/%s/update" % identity
         return topic == "t/%s/cmd" % identity
     return False
+
+
+def _provisioner_permits(identity, action, topic):
+    parts = topic.split("/")
+    if identity == CLAIMS_IDENTITY:  # on the provisioning listener
+        if action == SUBSCRIBE:
+            return topic == "prov/+/+/req"
+        ok = len(parts) == 4 and parts[0] == "prov" and "+" not in topic and "#" not in topic
+        return ok and parts[3] == ("req" if action == RECEIVE else "resp")
+    if action == SUBSCRIBE:
+        return topic == "t/+/+/enroll"
+    ok = len(parts) == 4 and parts[0] == "t" and "+" not in topic and "#" not in topic
+    return ok and parts[3] == ("enroll" if action == RECEIVE else "cert")
+
+
+def is_enrollment_topic(topic):
+    """Topics relayed between devices and the provisioning service, not ingested."""
+    parts = topic.split("/")
+    return len(parts) == 4 and ((parts[0] == "prov" and parts[3] in ("req", "resp")) or
+                                (parts[0] == "t" and parts[3] in ("enroll", "cert")))
 
 
 def server_context(ca_path, cert_path, key_path):
@@ -165,7 +202,7 @@ class TetherHandler(BrokerProtocolHandler):
         verdict = await self.gate.admit(self.session, app_message)
         if verdict == FAILED:
             await self.handle_connection_closed()
-        elif verdict == ACCEPTED and self.gate.relay:
+        elif verdict == ACCEPTED and self.gate.relays(app_message.topic):
             await super()._handle_qos0_message_flow(app_message)
 
     async def _handle_qos1_message_flow(self, app_message):
@@ -178,7 +215,7 @@ class TetherHandler(BrokerProtocolHandler):
             # No PUBACK: the device keeps the record and sends it again.
             await self.handle_connection_closed()
             return
-        if verdict == ACCEPTED and self.gate.relay:
+        if verdict == ACCEPTED and self.gate.relays(app_message.topic):
             await self.session.delivered_message_queue.put(app_message)
         # A refused publish is acknowledged and dropped, as Mosquitto does
         # for MQTT 3.1.1, so a misbehaving device cannot stall its queue.
@@ -208,11 +245,15 @@ class Broker(AmqttBroker):
         {"event": "broker.refused", "identity", "action", "topic", "reason"}.
     port: 0 picks a free port; `self.port` holds the real one after start()
         and restarts reuse it.
+    prov_port, claim_ca_path: a second listener, the provisioning endpoint,
+        which trusts only the claim CA (factory claim certificates and the
+        cloud's "$cloud/claims" client); None for none.
     """
 
     def __init__(self, host, port, ca_path, cert_path, key_path, on_publish=None,
                  authorize=None, on_takeover=None, logger=None, relay=False, refusals_max=REFUSALS_MAX,
-                 connections_max=CONNECTIONS_MAX, amqtt_log_level=logging.ERROR):
+                 connections_max=CONNECTIONS_MAX, amqtt_log_level=logging.ERROR,
+                 prov_port=None, claim_ca_path=None):
         if amqtt_log_level is not None:
             quiet_amqtt(amqtt_log_level)
         self.host = host
@@ -224,22 +265,27 @@ class Broker(AmqttBroker):
         self._takeovers = {}
         self._clone_blocked = {}        # identity -> monotonic time its lockout ends
         self.revoked = frozenset()      # checked on every publish and subscribe too
+        self.revoked_serials = frozenset()  # certificates refused at CONNECT (retired by rotation)
         self.log = logger or _NULL_LOGGER  # amqtt owns self.logger
         self.relay = relay
         self.refusals = collections.deque(maxlen=refusals_max)
         self.refusal_counts = collections.Counter()
         self.ingest_failures = 0
         self._ssl_context = server_context(ca_path, cert_path, key_path)
+        self._contexts = {"default": self._ssl_context}
+        self.prov_port = prov_port
+        if prov_port is not None:
+            self._contexts["prov"] = server_context(claim_ca_path, cert_path, key_path)
         self._admitting = False
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        config = {
-            "listeners": {"default": {
-                "type": "tcp", "bind": "%s:%d" % (host, port), "max_connections": connections_max,
-            }},
-            "plugins": {},
-        }
+        listeners = {"default": {"type": "tcp", "bind": "%s:%d" % (host, port),
+                                 "max_connections": connections_max}}
+        if prov_port is not None:
+            listeners["prov"] = {"type": "tcp", "bind": "%s:%d" % (host, prov_port),
+                                 "max_connections": connections_max}
+        config = {"listeners": listeners, "plugins": {}}
         super().__init__(config, plugin_namespace="amqtt.tether")
 
     # -- lifecycle ---------------------------------------------------------
@@ -252,6 +298,9 @@ class Broker(AmqttBroker):
                               code="broker_start") from exc
         self.port = self._servers["default"].instance.sockets[0].getsockname()[1]
         self.listeners_config["default"].bind = "%s:%d" % (self.host, self.port)
+        if self.prov_port is not None:
+            self.prov_port = self._servers["prov"].instance.sockets[0].getsockname()[1]
+            self.listeners_config["prov"].bind = "%s:%d" % (self.host, self.prov_port)
         self._admitting = True
         self.log.info("broker started on %s:%d", self.host, self.port,
                       extra={"event": "broker.started", "port": self.port})
@@ -300,13 +349,14 @@ class Broker(AmqttBroker):
 
     async def stream_connected(self, reader, writer, listener_name):
         try:
-            await writer.start_tls(self._ssl_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            await writer.start_tls(self._contexts[listener_name], ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
             self.refuse(None, TLS, None, tls_reason(exc))
             writer.close()
             return
-        await self._client_connected(listener_name, BoundedReader(reader, self, writer),
-                                     StreamWriterAdapter(writer))
+        adapter = StreamWriterAdapter(writer)
+        adapter.tether_listener = listener_name
+        await self._client_connected(listener_name, BoundedReader(reader, self, writer), adapter)
 
     async def _initialize_client_session(self, reader, writer, remote_address, remote_port):
         # Replaces amqtt's: check identity before touching any session.
@@ -366,8 +416,10 @@ class Broker(AmqttBroker):
         if not der:
             reason = R_NO_CERT
         else:
-            identity, reason = _identity_from_der(der)
-        if reason is None and session.client_id != identity:
+            identity, reason = _identity_from_der(der, getattr(writer, "tether_listener", "default"))
+        if reason is None and self.revoked_serials and _serial_of(der) in self.revoked_serials:
+            reason = R_CERT_REVOKED
+        if reason is None and not _client_id_ok(identity, session.client_id):
             reason, connack = R_CLIENT_ID, IDENTIFIER_REJECTED
         if reason is None and self.authorize is not None and not await _maybe_await(self.authorize(identity)):
             reason = R_NOT_AUTHORIZED
@@ -428,7 +480,7 @@ class Broker(AmqttBroker):
     async def _topic_filtering(self, session, topic, action):
         identity = session.attributes.get(IDENTITY_KEY)
         allowed = (identity is not None and identity not in self.revoked
-                   and permits(identity, action, topic, identity in self.quarantined))
+                   and permits(identity, action, topic, identity in self.quarantined, session.client_id))
         if not allowed and action == SUBSCRIBE:
             self.refuse(identity, SUBSCRIBE, topic, R_NOT_PERMITTED)
         return allowed
@@ -439,11 +491,11 @@ class Broker(AmqttBroker):
         if not self._admitting:
             return FAILED  # stopping: not acknowledged, sent again after restart
         if identity is None or identity in self.revoked or \
-                not permits(identity, PUBLISH, message.topic, identity in self.quarantined):
+                not permits(identity, PUBLISH, message.topic, identity in self.quarantined, session.client_id):
             self.refuse(identity, PUBLISH, message.topic, R_NOT_PERMITTED)
             return REFUSED
-        if self.on_publish is None:
-            return ACCEPTED
+        if self.on_publish is None or is_enrollment_topic(message.topic):
+            return ACCEPTED  # enrollment messages are relayed to the provisioning service
         self._inflight += 1
         self._idle.clear()
         try:
@@ -462,19 +514,48 @@ class Broker(AmqttBroker):
         return ACCEPTED
 
 
-def _identity_from_der(der):
-    """-> (identity, None) or (identity_or_None, refusal reason)."""
+    def relays(self, topic):
+        """Is an accepted PUBLISH on `topic` passed on to subscribers?"""
+        return self.relay or is_enrollment_topic(topic)
+
+
+def _identity_from_der(der, listener="default"):
+    """-> (identity, None) or (identity_or_None, refusal reason). The
+    provisioning listener takes claim identities and "$cloud/claims" only;
+    the device listener never takes those (each listener's TLS trusts only
+    its own CA, this is the second lock)."""
     try:
         identity = identity_of(der)
     except CloudError:
         return None, R_BAD_IDENTITY
-    if is_cloud_identity(identity):
+    on_prov = listener == "prov"
+    if on_prov != (is_claim_identity(identity) or identity == CLAIMS_IDENTITY):
+        return identity, R_WRONG_LISTENER
+    if on_prov or is_cloud_identity(identity):
         return identity, None
     try:
         parse_identity(identity)
     except CloudError:
         return identity, R_BAD_IDENTITY
     return identity, None
+
+
+def _serial_of(der):
+    from cryptography import x509
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def _client_id_ok(identity, client_id):
+    """A claim certificate is shared by a batch: each device connects with
+    its hardware id as client id (its topics are keyed on it). Everyone else
+    connects with client id = identity."""
+    if is_claim_identity(identity):
+        try:
+            check_id("hardware", client_id, 64)
+        except CloudError:
+            return False
+        return True
+    return client_id == identity
 
 
 async def _close_quietly(writer):

@@ -20,6 +20,7 @@ import re
 import warnings
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -29,7 +30,15 @@ from cloud.errors import CAError, IdentityError
 TENANT_LEN_MAX = 32
 DEVICE_LEN_MAX = 64
 INGEST_IDENTITY = "$cloud/ingest"
+PROVISIONER_IDENTITY = "$cloud/provisioner"  # on the device listener (rotation)
+CLAIMS_IDENTITY = "$cloud/claims"            # on the provisioning listener (claims, recovery)
+PROVISIONER_IDENTITIES = (PROVISIONER_IDENTITY, CLAIMS_IDENTITY)
 CLOUD_PREFIX = "$cloud/"
+# A factory claim certificate (one per batch) has CN "claim:<batch>"; it is
+# issued by a separate claim CA that only the provisioning endpoint trusts.
+CLAIM_PREFIX = "claim:"
+CLAIM_LEN_MAX = 32
+CLAIM_DAYS = 20 * 365  # outlives the devices it enrolls: it is the way back in (docs/identity.md)
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
@@ -83,6 +92,26 @@ def is_cloud_identity(identity):
     if not isinstance(identity, str) or not identity.startswith(CLOUD_PREFIX):
         return False
     return bool(_ID_RE.match(identity[len(CLOUD_PREFIX):]))
+
+
+def make_claim_identity(batch):
+    check_id("claim batch", batch, CLAIM_LEN_MAX)
+    return CLAIM_PREFIX + batch
+
+
+def claim_batch(identity):
+    """'claim:<batch>' -> '<batch>'; IdentityError for anything else."""
+    if not isinstance(identity, str) or not identity.startswith(CLAIM_PREFIX):
+        raise IdentityError("not a claim identity: %r" % (identity,))
+    return check_id("claim batch", identity[len(CLAIM_PREFIX):], CLAIM_LEN_MAX)
+
+
+def is_claim_identity(identity):
+    try:
+        claim_batch(identity)
+    except IdentityError:
+        return False
+    return True
 
 
 def identity_of(cert):
@@ -223,10 +252,12 @@ class CA:
             raise CAError("ca.key does not match ca.crt in %s" % dirpath, code="ca_key_mismatch")
         return cls(cert, key, dirpath)
 
-    def _issue(self, cn, eku, days, now, san=None, public_key=None):
+    def _issue(self, cn, eku, days, now, san=None, public_key=None, seconds=None):
         """-> (cert_pem, key_pem); with public_key (the device made its own
-        key) -> (cert_pem, None): there is no private key to hand out."""
+        key) -> (cert_pem, None): there is no private key to hand out.
+        `seconds`, when given, is the lifetime instead of `days`."""
         now = now or _utcnow()
+        lifetime = datetime.timedelta(seconds=seconds) if seconds is not None else datetime.timedelta(days=days)
         key = _new_key() if public_key is None else None
         builder = (
             x509.CertificateBuilder()
@@ -235,7 +266,7 @@ class CA:
             .public_key(public_key if public_key is not None else key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + datetime.timedelta(days=days))
+            .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
@@ -266,23 +297,32 @@ class CA:
         identity = make_identity(tenant, device)
         return self._issue(identity, ExtendedKeyUsageOID.CLIENT_AUTH, days, now)
 
-    def issue_from_csr(self, csr_pem, tenant, device, days=DEVICE_DAYS, now=None):
-        """A device certificate for a key the device made itself. The CSR's
-        signature must verify (the device holds the key) and it must be a
+    def issue_from_csr(self, csr_pem, tenant, device, days=DEVICE_DAYS, now=None, seconds=None):
+        """A device certificate for a key the device made itself. The CSR
+        (PEM or DER) must verify (the device holds the key) and be for a
         P-256 key; the identity comes from the cloud's decision (tenant,
         device), never from the CSR's subject. -> cert_pem."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as e:
-            raise CAError("not a PEM CSR: %s" % e, code="bad_csr") from None
-        if not csr.is_signature_valid:
-            raise CAError("CSR signature does not verify", code="bad_csr")
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
-            raise CAError("device keys must be ECDSA P-256", code="bad_csr")
+        return self.issue_for_key(csr_public_key(csr_pem), tenant, device, days, now, seconds)
+
+    def issue_for_key(self, public_key, tenant, device, days=DEVICE_DAYS, now=None, seconds=None):
+        """A device certificate for a P-256 public key already checked (from a
+        verified CSR). -> cert_pem."""
         identity = make_identity(tenant, device)
-        cert_pem, _ = self._issue(identity, ExtendedKeyUsageOID.CLIENT_AUTH, days, now, public_key=public_key)
+        cert_pem, _ = self._issue(identity, ExtendedKeyUsageOID.CLIENT_AUTH, days, now,
+                                  public_key=public_key, seconds=seconds)
         return cert_pem
+
+    def issue_claim(self, batch, days=CLAIM_DAYS, now=None):
+        """-> (cert_pem, key_pem) of the factory claim certificate for a batch."""
+        return self._issue(make_claim_identity(batch), ExtendedKeyUsageOID.CLIENT_AUTH, days, now)
+
+    def signed(self, cert):
+        """True if this CA signed `cert` (x509.Certificate), whatever its dates."""
+        try:
+            cert.verify_directly_issued_by(self.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
 
     def issue_client(self, cn=INGEST_IDENTITY, days=DEVICE_DAYS, now=None):
         """-> (cert_pem, key_pem) for one of the cloud's own clients ('$cloud/<name>')."""
@@ -308,6 +348,24 @@ class CA:
         write_private(key_path, key_pem)
         write_public(cert_path, cert_pem)
         return cert_path, key_path
+
+
+def csr_public_key(csr_data):
+    """The P-256 public key of a CSR (PEM or DER) whose signature verifies;
+    CAError(code bad_csr) otherwise."""
+    try:
+        if bytes(csr_data).lstrip().startswith(b"-----"):
+            csr = x509.load_pem_x509_csr(bytes(csr_data))
+        else:
+            csr = x509.load_der_x509_csr(bytes(csr_data))
+    except (ValueError, TypeError) as e:
+        raise CAError("not a CSR: %s" % e, code="bad_csr") from None
+    if not csr.is_signature_valid:
+        raise CAError("CSR signature does not verify", code="bad_csr")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+        raise CAError("device keys must be ECDSA P-256", code="bad_csr")
+    return public_key
 
 
 def _general_name(host):

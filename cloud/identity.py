@@ -119,6 +119,9 @@ class Registry:
 
     def _require(self, identity, reason, actor):
         parse_identity(identity)
+        self._require_actor(actor, reason)
+
+    def _require_actor(self, actor, reason):
         if not reason or not actor:
             raise IdentityError("an audited operation needs who (actor) and why (reason)")
         for text in (reason, actor):
@@ -136,8 +139,13 @@ class Registry:
                          (format(serial, "x"), identity, self.clock_ms(), purpose))
 
     def revoked_serials(self):
-        return [int(row[0], 16) for row in self._db.execute(
+        """Every serial of a revoked identity, and every certificate retired
+        by a rotation (cloud/provision.py): what the CRL lists."""
+        serials = [int(row[0], 16) for row in self._db.execute(
             "SELECT serial FROM certificates WHERE identity IN (SELECT identity FROM revocations)")]
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'retired_certs'").fetchone():
+            serials += [int(row[0], 16) for row in self._db.execute("SELECT serial FROM retired_certs")]
+        return serials
 
     # -- revocation -------------------------------------------------------------
 

@@ -37,7 +37,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from cloud.ca import INGEST_IDENTITY, parse_identity
+from cloud.ca import CLAIMS_IDENTITY, INGEST_IDENTITY, PROVISIONER_IDENTITY, parse_identity
 from cloud.errors import MosquittoError
 
 CONF_FILE = "mosquitto.conf"
@@ -82,9 +82,25 @@ def acl_text(extra=(), denied=(), quarantined=()):
         "# tether ACL: identity = certificate CN = MQTT username (%u)\n"
         "pattern write t/%u/telemetry\n"
         "pattern read t/%u/cmd\n"
+        "# enrollment (docs/identity.md): rotation on the device's own topics;\n"
+        "# a claim certificate (provisioning listener, client id = hardware id)\n"
+        "# only on prov/<claim>/<hwid>/. A client id with / or wildcards only\n"
+        "# makes topics nobody subscribes to.\n"
+        "pattern write t/%u/enroll\n"
+        "pattern read t/%u/cert\n"
+        "pattern write prov/%u/%c/req\n"
+        "pattern read prov/%u/%c/resp\n"
         "\n"
         "user " + INGEST_IDENTITY + "\n"
         "topic read t/#\n"
+        "\n"
+        "user " + PROVISIONER_IDENTITY + "\n"
+        "topic read t/+/+/enroll\n"
+        "topic write t/+/+/cert\n"
+        "\n"
+        "user " + CLAIMS_IDENTITY + "\n"
+        "topic read prov/+/+/req\n"
+        "topic write prov/+/+/resp\n"
     )
     text += "".join(line + "\n" for line in extra)
     for identity in set(denied) | set(quarantined):
@@ -102,7 +118,7 @@ def config_text(data_dir, host, port, ca_path, cert_path, key_path,
                 max_queued_messages=MAX_QUEUED_MESSAGES,
                 max_inflight_messages=MAX_INFLIGHT_MESSAGES,
                 autosave_interval_s=AUTOSAVE_INTERVAL_S,
-                client_id_from_identity=True, crl_path=None):
+                client_id_from_identity=True, crl_path=None, prov_port=None, claim_ca_path=None):
     lines = [
         "# written by cloud/mosquitto.py; edits are overwritten",
         "per_listener_settings false",
@@ -142,6 +158,20 @@ def config_text(data_dir, host, port, ca_path, cert_path, key_path,
         lines.append("use_username_as_clientid true")
     if crl_path is not None:
         lines.append("crlfile %s" % crl_path)  # reread on SIGHUP (reload())
+    if prov_port is not None:
+        # The provisioning endpoint: only the claim CA is trusted here, and
+        # the client id stays the device's (its hardware id), because one
+        # claim certificate is shared by a whole batch.
+        lines += [
+            "",
+            "listener %d %s" % (prov_port, host),
+            "cafile %s" % claim_ca_path,
+            "certfile %s" % cert_path,
+            "keyfile %s" % key_path,
+            "require_certificate true",
+            "use_identity_as_username true",
+            "tls_version tlsv1.2",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,9 @@ Mosquitto), ingest and SQLite store, all under one data directory that
 survives restarts.
 
     DATA/ca/ca.crt, ca.key          the device CA (key 0600)
+    DATA/claim-ca/                  the claim CA: factory claim certificates only
+    DATA/claims/BATCH.crt, .key     a batch's claim certificate (goes into the factory image)
+    DATA/provisioner/               the provisioning service's two client identities
     DATA/broker/server.crt, .key    the broker's certificate
     DATA/ingest/client.crt, .key    the ingest's client identity (Mosquitto)
     DATA/mosquitto/                 generated config, ACL, persistence, log
@@ -16,7 +19,8 @@ import socket
 import time
 
 from cloud.broker import Broker
-from cloud.ca import CA, INGEST_IDENTITY, load_cert, write_private, write_public
+from cloud.ca import (CA, CLAIMS_IDENTITY, INGEST_IDENTITY, PROVISIONER_IDENTITY, load_cert,
+                      write_private, write_public)
 from cloud import probe
 from cloud.errors import CloudError
 from cloud.identity import Registry
@@ -73,7 +77,8 @@ class DeviceCredential:
 
 
 class Cloud:
-    def __init__(self, data_dir, host="127.0.0.1", port=0, broker="embedded", limits=None):
+    def __init__(self, data_dir, host="127.0.0.1", port=0, broker="embedded", limits=None,
+                 prov_port=0, cert_s=None):
         if broker not in ("embedded", "mosquitto"):
             raise ValueError("broker must be embedded or mosquitto")
         self.data_dir = os.path.abspath(data_dir)
@@ -88,6 +93,15 @@ class Cloud:
         else:
             self.ca = CA.create(ca_dir, name="tether device CA")
         self.ca_path = self.ca.cert_path
+        claim_dir = os.path.join(self.data_dir, "claim-ca")
+        if os.path.exists(os.path.join(claim_dir, "ca.crt")):
+            self.claim_ca = CA.load(claim_dir)
+        else:
+            self.claim_ca = CA.create(claim_dir, name="tether claim CA")
+        self.prov_port = prov_port or free_port(host)
+        self.cert_s = cert_s
+        self.provision_service = None
+        self._serials = frozenset()
         self.server_cert, self.server_key = self.ca.issue_server(os.path.join(self.data_dir, "broker"))
         self.store_path = os.path.join(self.data_dir, "tether.db")
         self.store = None
@@ -96,6 +110,8 @@ class Cloud:
         self.mosquitto = None
         self.mosquitto_ingest = None
         self.registry = Registry(self.store_path)
+        from cloud.provision import Provisioning
+        self.provisioning = Provisioning(self.registry, self.ca, **({} if cert_s is None else {"cert_s": cert_s}))
         self.revoked = set()
         self.clones = set()      # identities seen connected twice at once, repeatedly
         self.quarantined = frozenset()
@@ -132,6 +148,33 @@ class Cloud:
         self.registry.issued("%s/%s" % (tenant, device), load_cert(cert_pem).serial_number)
         return DeviceCredential(tenant, device, certfile, keyfile)
 
+    def add_claim_batch(self, batch, quota, actor, reason="new factory batch"):
+        """A batch's claim certificate (written to DATA/claims/) and its quota."""
+        folder = os.path.join(self.data_dir, "claims")
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        cert, key = os.path.join(folder, batch + ".crt"), os.path.join(folder, batch + ".key")
+        if not os.path.exists(cert):
+            cert_pem, key_pem = self.claim_ca.issue_claim(batch)
+            write_private(key, key_pem)
+            write_public(cert, cert_pem)
+        self.provisioning.add_claim(batch, quota, actor, reason)
+        return cert, key
+
+    def _client_files(self, ca, name, cn):
+        folder = os.path.join(self.data_dir, "provisioner")
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        cert, key = os.path.join(folder, name + ".crt"), os.path.join(folder, name + ".key")
+        if not os.path.exists(cert):
+            cert_pem, key_pem = ca.issue_client(cn)
+            write_private(key, key_pem)
+            write_public(cert, cert_pem)
+        return cert, key
+
+    def endpoints(self):
+        """Where devices connect: for simulator.enroller.Enroller and the CLI."""
+        return {"host": self.host, "device_port": self.port, "prov_port": self.prov_port,
+                "cafile": self.ca_path, "server_name": "localhost"}
+
     def record_issued_files(self):
         """Backfill the registry from DATA/devices (files from before it)."""
         root = os.path.join(self.data_dir, "devices")
@@ -161,15 +204,41 @@ class Cloud:
             self.broker = Broker(self.host, self.port, self.ca_path, self.server_cert,
                                  self.server_key, on_publish=self._on_publish, logger=log,
                                  authorize=lambda identity: identity not in self.revoked,
-                                 on_takeover=self._takeover_seen)
+                                 on_takeover=self._takeover_seen, prov_port=self.prov_port,
+                                 claim_ca_path=self.claim_ca.cert_path)
             self.broker.quarantined = self.quarantined
             self.broker.revoked = frozenset(self.revoked)
+            self._serials = frozenset(self.registry.revoked_serials())
+            self.broker.revoked_serials = self._serials
             await self.broker.start()
         else:
             await self._start_mosquitto()
+        await self._start_provisioning()
         await self.enforce_revocations()
         self._watch = asyncio.get_running_loop().create_task(self._watch_revocations())
         log.info("cloud up on %s:%d (%s broker)", self.host, self.port, self.kind)
+
+    async def _start_provisioning(self):
+        from cloud.provision_mqtt import ProvisionService
+        self.provision_service = ProvisionService(
+            self.store_path, self.ca, self.host, self.port, self.prov_port, self.ca_path,
+            self._client_files(self.ca, "device", PROVISIONER_IDENTITY),
+            self._client_files(self.claim_ca, "claims", CLAIMS_IDENTITY), cert_s=self.cert_s)
+        await self.provision_service.start()
+
+    async def sync_serials(self):
+        """Certificates retired by a rotation (or of revoked identities) are
+        refused at CONNECT: the embedded broker checks the serial, Mosquitto
+        gets a new CRL and a reload."""
+        now = frozenset(self.registry.revoked_serials())
+        if now == self._serials:
+            return
+        self._serials = now
+        if self.broker is not None:
+            self.broker.revoked_serials = now
+        if self.mosquitto is not None and self.mosquitto.running:
+            self._write_crl()
+            self.mosquitto.reload()
 
     def _flag_of(self, tenant, device):
         """Called by the ingest (its worker thread) for each stored record."""
@@ -231,8 +300,8 @@ class Cloud:
         import asyncio
         while True:
             await asyncio.sleep(every_s)
-            for step in (self.enforce_revocations, self.sync_quarantine, self._refresh_crl,
-                         self._scan_log_step):
+            for step in (self.enforce_revocations, self.sync_quarantine, self.sync_serials,
+                         self._refresh_crl, self._scan_log_step):
                 try:  # one failing step must not stop the others
                     await step()
                 except Exception:
@@ -286,7 +355,8 @@ class Cloud:
         self.mosquitto = Mosquitto.configure(mdir, self.host, self.port, self.ca_path,
                                              self.server_cert, self.server_key, logger=log,
                                              crl_path=self.crl_path, denied=sorted(self.revoked),
-                                             quarantined=sorted(self.quarantined))
+                                             quarantined=sorted(self.quarantined), prov_port=self.prov_port,
+                                             claim_ca_path=self.claim_ca.cert_path)
         await self.mosquitto.start()
         idir = os.path.join(self.data_dir, "ingest")
         os.makedirs(idir, mode=0o700, exist_ok=True)
@@ -301,6 +371,7 @@ class Cloud:
 
     def _write_crl(self):
         self._crl_written_ms = clock_ms()
+        self._serials = frozenset(self.registry.revoked_serials())
         tmp = self.crl_path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(self.ca.crl_pem(self.registry.revoked_serials()))
@@ -363,6 +434,7 @@ class Cloud:
         if self.kind == "embedded":
             await self.broker.stop()
             await asyncio.sleep(down_s)
+            self.broker.revoked_serials = self._serials
             self.broker.quarantined = self.quarantined
             self.broker.revoked = frozenset(self.revoked)
             await self.broker.start()
@@ -378,6 +450,9 @@ class Cloud:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        if self.provision_service is not None:
+            await self.provision_service.stop()
+            self.provision_service = None
         if self.broker is not None:
             await self.broker.stop()
         if self.mosquitto_ingest is not None:

@@ -1,0 +1,436 @@
+"""Provisioning by claim, rotation and recovery: the cloud's decisions.
+
+No MQTT here (cloud/provision_mqtt.py carries the messages): `on_claim`
+takes a request that arrived on the provisioning endpoint from a claim
+certificate, `on_device` one from a device's own identity, and each returns
+the answer to send (CBOR, agent/enroll.py's format) or None.
+
+The rules, each refused with a reason that is answered and audited:
+
+- A claim certificate (one per factory batch, CN "claim:<batch>") may
+  enroll only hardware ids on the allowlist *for its batch*, at most
+  `quota` new identities, and only while the batch is not revoked.
+- The allowlist binds a hardware id to a tenant, a device id and a site;
+  the identity comes from there, never from the request. An entry may
+  require operator approval: the device is told "pending" and retries.
+- A hardware id already enrolled gets its certificate again only for the
+  same key (a retry after a lost answer); a new key needs the recovery
+  proof (a signature by the key of its last certificate) or an operator.
+- Revoked identities get nothing.
+- Rotation: a device asks with its current identity; the new certificate
+  stays beside the old one until the device confirms it connected with
+  it; then every other certificate of that identity is retired (on the
+  CRL).
+"""
+
+import hashlib
+import json
+import time
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+
+from agent import cbor, enroll
+from agent.errors import CBORError
+from cloud.ca import claim_batch, csr_public_key, identity_of, load_cert, make_identity, parse_identity, check_id
+from cloud.errors import CloudError, IdentityError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS claims (
+    batch TEXT PRIMARY KEY, quota INTEGER NOT NULL, used INTEGER NOT NULL DEFAULT 0,
+    revoked INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT NULL, actor TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS allowlist (
+    hwid TEXT PRIMARY KEY, batch TEXT NOT NULL, tenant TEXT NOT NULL, device TEXT NOT NULL,
+    site TEXT NOT NULL, approval INTEGER NOT NULL, cert_s INTEGER, added_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS enrollments (
+    hwid TEXT PRIMARY KEY, identity TEXT NOT NULL, state TEXT NOT NULL,
+    requested_ms INTEGER NOT NULL, approved_by TEXT, approved_ms INTEGER, caps TEXT);
+CREATE TABLE IF NOT EXISTS device_certs (
+    fingerprint TEXT PRIMARY KEY, identity TEXT NOT NULL, serial TEXT NOT NULL,
+    key_sha256 TEXT NOT NULL, issued_ms INTEGER NOT NULL, not_after_ms INTEGER NOT NULL,
+    how TEXT NOT NULL, state TEXT NOT NULL, der BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS device_certs_by_identity ON device_certs (identity);
+CREATE TABLE IF NOT EXISTS retired_certs (
+    serial TEXT PRIMARY KEY, identity TEXT NOT NULL, reason TEXT NOT NULL, retired_ms INTEGER NOT NULL);
+"""
+
+SYSTEM = "cloud"               # audit actor of decisions the provisioning service makes
+CERT_S_DEFAULT = 30 * 86400    # short-lived: rotated at two thirds, so every 20 days
+PENDING_RETRY_MS = 5000
+REFUSED_RETRY_MS = 60_000
+REQUEST_BYTES_MAX = 8192
+HWID_LEN_MAX = 64
+SITE_LEN_MAX = 64
+
+# states of an enrollment
+PENDING, APPROVED, ISSUED = "pending", "approved", "issued"
+# states of a device certificate
+CERT_ISSUED, CERT_ACTIVE, CERT_RETIRED = "issued", "active", "retired"
+
+
+class ProvisionError(CloudError):
+    code = "provision"
+
+
+def now_ms():
+    return time.time_ns() // 1_000_000
+
+
+def key_sha256(public_key):
+    return hashlib.sha256(public_key.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)).hexdigest()
+
+
+class Refusal(Exception):
+    def __init__(self, reason, retry_ms=REFUSED_RETRY_MS):
+        Exception.__init__(self, reason)
+        self.reason = reason
+        self.retry_ms = retry_ms
+
+
+class Provisioning:
+    """registry: cloud.identity.Registry (its database, audit and revocations);
+    ca: the device CA that signs identities."""
+
+    def __init__(self, registry, ca, clock_ms=now_ms, cert_s=CERT_S_DEFAULT):
+        self.registry = registry
+        self.ca = ca
+        self.clock_ms = clock_ms
+        self.cert_s = cert_s
+        self.db = registry._db
+        self.db.executescript(_SCHEMA)
+
+    # -- operator side ----------------------------------------------------------
+
+    def add_claim(self, batch, quota, actor, reason="new factory batch"):
+        check_id("claim batch", batch, 32)
+        if not isinstance(quota, int) or quota < 1:
+            raise ProvisionError("quota must be a positive number of devices", "bad_quota")
+        self.registry._require_actor(actor, reason)
+
+        def op():
+            self.db.execute("INSERT INTO claims (batch, quota, created_ms, actor) VALUES (?, ?, ?, ?)"
+                            " ON CONFLICT (batch) DO UPDATE SET quota = excluded.quota",
+                            (batch, quota, self.clock_ms(), actor))
+            self.registry.audit(actor, "claim_batch", "claim:" + batch, reason, "quota %d" % quota)
+        self.registry._atomic(op)
+
+    def revoke_claim(self, batch, actor, reason):
+        self.registry._require_actor(actor, reason)
+
+        def op():
+            cur = self.db.execute("UPDATE claims SET revoked = 1 WHERE batch = ?", (batch,))
+            if not cur.rowcount:
+                raise ProvisionError("no claim batch %r" % batch, "no_batch")
+            self.registry.audit(actor, "claim_revoked", "claim:" + batch, reason)
+        self.registry._atomic(op)
+
+    def allow(self, hwid, batch, tenant, device, site, actor, approval=False, cert_s=None,
+              reason="allowlisted"):
+        """Put a hardware id on the allowlist of a batch, bound to an identity and site."""
+        _check_hwid(hwid)
+        check_id("site", site, SITE_LEN_MAX)
+        make_identity(tenant, device)
+        self.registry._require_actor(actor, reason)
+        if cert_s is not None and (not isinstance(cert_s, int) or cert_s < 10):
+            raise ProvisionError("certificate lifetime must be at least 10 s", "bad_lifetime")
+
+        def op():
+            self.db.execute("INSERT OR REPLACE INTO allowlist VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (hwid, batch, tenant, device, site, int(bool(approval)), cert_s,
+                             self.clock_ms(), actor))
+            self.registry.audit(actor, "allowlist", "%s/%s" % (tenant, device), reason,
+                                "hwid %s batch %s site %s%s" % (hwid, batch, site,
+                                                                 " approval required" if approval else ""))
+        self.registry._atomic(op)
+
+    def approve(self, hwid, actor, reason):
+        """An operator approves a pending enrollment (critical fleets)."""
+        self.registry._require_actor(actor, reason)
+
+        def op():
+            row = self.db.execute("SELECT identity, state FROM enrollments WHERE hwid = ?", (hwid,)).fetchone()
+            if row is None or row[1] != PENDING:
+                raise ProvisionError("no pending enrollment for %r" % hwid, "not_pending")
+            self.db.execute("UPDATE enrollments SET state = ?, approved_by = ?, approved_ms = ?"
+                            " WHERE hwid = ?", (APPROVED, actor, self.clock_ms(), hwid))
+            self.registry.audit(actor, "enroll_approved", row[0], reason, "hwid %s" % hwid)
+            return row[0]
+        return self.registry._atomic(op)
+
+    def pending(self):
+        return [dict(zip(("hwid", "identity", "requested_ms"), row)) for row in self.db.execute(
+            "SELECT hwid, identity, requested_ms FROM enrollments WHERE state = ? ORDER BY requested_ms",
+            (PENDING,))]
+
+    def claim_usage(self, batch):
+        row = self.db.execute("SELECT quota, used, revoked FROM claims WHERE batch = ?", (batch,)).fetchone()
+        return None if row is None else dict(zip(("quota", "used", "revoked"), row))
+
+    def counts(self):
+        """How many identities were provisioned, rotated and recovered."""
+        rows = self.db.execute("SELECT how, COUNT(*) FROM device_certs WHERE state != ?"
+                               " GROUP BY how", (CERT_ISSUED,)).fetchall()
+        got = dict(rows)
+        return {"provisioned": got.get("claim", 0), "rotated": got.get("rotate", 0),
+                "recovered": got.get("recover", 0)}
+
+    def retired_serials(self):
+        return [int(row[0], 16) for row in self.db.execute("SELECT serial FROM retired_certs")]
+
+    # -- device side --------------------------------------------------------------
+
+    def on_claim(self, claim_identity, hwid, payload):
+        """A request on prov/<claim>/<hwid>/req -> answer bytes, or None when
+        the request carries no usable nonce to answer to."""
+        msg, nonce = _parse(payload)
+        if nonce is None:
+            self._refused(claim_identity, "request without a nonce", hwid)
+            return None
+        try:
+            batch = claim_batch(claim_identity)
+            _check_hwid(hwid)
+            if msg.get("hwid") != hwid:
+                raise Refusal("hwid_mismatch")
+            op = msg.get("op")
+            if op == enroll.OP_CLAIM:
+                return self._answer(nonce, self._claim(batch, hwid, msg))
+            if op == enroll.OP_RECOVER:
+                return self._answer(nonce, self._recover(batch, hwid, msg))
+            raise Refusal("bad_op")
+        except (Refusal, IdentityError, CloudError) as e:
+            return self._refuse_answer(nonce, e, claim_identity, hwid)
+
+    def on_device(self, identity, payload):
+        """A request on t/<identity>/enroll -> answer bytes or None (confirm)."""
+        msg, nonce = _parse(payload)
+        if nonce is None:
+            self._refused(identity, "request without a nonce", "")
+            return None
+        try:
+            parse_identity(identity)
+            op = msg.get("op")
+            if op == enroll.OP_CONFIRM:
+                self._confirm(identity, msg.get("fp"))
+                return None
+            if op == enroll.OP_ROTATE:
+                return self._answer(nonce, self._rotate(identity, msg))
+            raise Refusal("bad_op")
+        except (Refusal, IdentityError, CloudError) as e:
+            return self._refuse_answer(nonce, e, identity, "")
+
+    # -- the decisions ------------------------------------------------------------
+
+    def _claim(self, batch, hwid, msg):
+        entry = self._allowed(batch, hwid)
+        tenant, device, site, approval, cert_s = entry
+        identity = make_identity(tenant, device)
+        self._not_revoked(identity)
+        public_key = csr_public_key(_bytes(msg, "csr", enroll.CSR_BYTES_MAX))
+        key_hash = key_sha256(public_key)
+        row = self.db.execute("SELECT state FROM enrollments WHERE hwid = ?", (hwid,)).fetchone()
+        if row is not None and row[0] == ISSUED:
+            again = self.db.execute(
+                "SELECT der, issued_ms, not_after_ms FROM device_certs WHERE identity = ? AND key_sha256 = ?"
+                " ORDER BY issued_ms DESC LIMIT 1", (identity, key_hash)).fetchone()
+            if again is None:
+                raise Refusal("already_enrolled")  # a new key needs the recovery proof
+            return ("issued", identity, bytes(again[0]), again[1], again[2])
+        if approval and (row is None or row[0] != APPROVED):
+            if row is None:
+                self._record_pending(hwid, identity, msg)
+            return ("pending", identity)
+        usage = self.claim_usage(batch)
+        if usage["used"] >= usage["quota"]:
+            raise Refusal("quota_exhausted")
+        return self._issue(identity, public_key, key_hash, cert_s, "claim", hwid=hwid, batch=batch,
+                           site=site, caps=msg.get("caps"))
+
+    def _recover(self, batch, hwid, msg):
+        self._allowed(batch, hwid)
+        row = self.db.execute("SELECT identity, state FROM enrollments WHERE hwid = ?", (hwid,)).fetchone()
+        if row is None or row[1] != ISSUED:
+            raise Refusal("not_enrolled")
+        identity = row[0]
+        self._not_revoked(identity)
+        old = load_cert(_bytes(msg, "old_cert", enroll.CERT_BYTES_MAX))
+        if not self.ca.signed(old) or identity_of(old) != identity:
+            raise Refusal("old_cert_not_ours")
+        known = self.db.execute("SELECT state FROM device_certs WHERE fingerprint = ?",
+                                (_fingerprint(old),)).fetchone()
+        if known is None or known[0] == CERT_RETIRED:
+            raise Refusal("old_cert_retired")
+        csr = _bytes(msg, "csr", enroll.CSR_BYTES_MAX)
+        public_key = csr_public_key(csr)
+        sig = _bytes(msg, "sig", 64)
+        if len(sig) != 64:
+            raise Refusal("bad_proof")
+        digest = enroll.recovery_digest(csr, msg["nonce"])
+        der_sig = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+        try:
+            old.public_key().verify(der_sig, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        except Exception:
+            raise Refusal("bad_proof") from None
+        entry = self._allowed(batch, hwid)
+        return self._issue(identity, public_key, key_sha256(public_key), entry[4], "recover", hwid=hwid)
+
+    def _rotate(self, identity, msg):
+        self._not_revoked(identity)
+        public_key = csr_public_key(_bytes(msg, "csr", enroll.CSR_BYTES_MAX))
+        key_hash = key_sha256(public_key)
+        again = self.db.execute(
+            "SELECT der, issued_ms, not_after_ms FROM device_certs WHERE identity = ? AND key_sha256 = ?",
+            (identity, key_hash)).fetchone()
+        if again is not None:
+            return ("issued", identity, bytes(again[0]), again[1], again[2])
+        row = self.db.execute("SELECT cert_s FROM allowlist WHERE tenant || '/' || device = ?",
+                              (identity,)).fetchone()
+        return self._issue(identity, public_key, key_hash, row[0] if row else None, "rotate")
+
+    def _confirm(self, identity, fp):
+        if not isinstance(fp, bytes) or len(fp) != 32:
+            raise Refusal("bad_confirm")
+        fp_hex = fp.hex()
+        row = self.db.execute("SELECT identity, state, how FROM device_certs WHERE fingerprint = ?",
+                              (fp_hex,)).fetchone()
+        if row is None or row[0] != identity:
+            raise Refusal("unknown_cert")
+        if row[1] == CERT_RETIRED:
+            raise Refusal("cert_retired")
+
+        def op():
+            self.db.execute("UPDATE device_certs SET state = ? WHERE fingerprint = ?", (CERT_ACTIVE, fp_hex))
+            olds = self.db.execute("SELECT fingerprint, serial FROM device_certs WHERE identity = ?"
+                                   " AND fingerprint != ? AND state != ?",
+                                   (identity, fp_hex, CERT_RETIRED)).fetchall()
+            for old_fp, serial in olds:
+                self.db.execute("UPDATE device_certs SET state = ? WHERE fingerprint = ?", (CERT_RETIRED, old_fp))
+                self.db.execute("INSERT OR IGNORE INTO retired_certs VALUES (?, ?, ?, ?)",
+                                (serial, identity, "superseded by %s" % row[2], self.clock_ms()))
+            if row[1] != CERT_ACTIVE:
+                self.registry.audit(SYSTEM, row[2] if row[2] != "claim" else "provision_proven", identity,
+                                    "device connected with its new certificate",
+                                    "%d older certificate(s) retired (CRL)" % len(olds))
+        self.registry._atomic(op)
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _allowed(self, batch, hwid):
+        claim = self.claim_usage(batch)
+        if claim is None:
+            raise Refusal("unknown_claim")
+        if claim["revoked"]:
+            raise Refusal("claim_revoked")
+        row = self.db.execute("SELECT batch, tenant, device, site, approval, cert_s FROM allowlist"
+                              " WHERE hwid = ?", (hwid,)).fetchone()
+        if row is None:
+            raise Refusal("not_allowlisted")
+        if row[0] != batch:
+            raise Refusal("wrong_batch")
+        return row[1], row[2], row[3], bool(row[4]), row[5]
+
+    def _not_revoked(self, identity):
+        if identity in self.registry.revoked():
+            raise Refusal("revoked")
+
+    def _record_pending(self, hwid, identity, msg):
+        def op():
+            self.db.execute("INSERT OR IGNORE INTO enrollments (hwid, identity, state, requested_ms, caps)"
+                            " VALUES (?, ?, ?, ?, ?)",
+                            (hwid, identity, PENDING, self.clock_ms(), _caps_text(msg.get("caps"))))
+            self.registry.audit(SYSTEM, "enroll_pending", identity, "approval required",
+                                "hwid %s waits for an operator" % hwid)
+        self.registry._atomic(op)
+
+    def _issue(self, identity, public_key, key_hash, cert_s, how, hwid=None, batch=None, site=None, caps=None):
+        tenant, device = parse_identity(identity)
+        lifetime_s = cert_s or self.cert_s
+        issued_ms = self.clock_ms()
+        cert_pem = self.ca.issue_for_key(public_key, tenant, device, seconds=lifetime_s)
+        cert = load_cert(cert_pem)
+        der = cert.public_bytes(serialization.Encoding.DER)
+        not_after_ms = issued_ms + lifetime_s * 1000
+
+        def op():
+            self.db.execute("INSERT INTO device_certs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (_fingerprint(cert), identity, format(cert.serial_number, "x"), key_hash,
+                             issued_ms, not_after_ms, how, CERT_ISSUED, der))
+            self.registry.issued(identity, cert.serial_number, purpose=how)
+            if how == "claim":
+                self.db.execute("INSERT INTO enrollments (hwid, identity, state, requested_ms, caps)"
+                                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (hwid) DO UPDATE SET state = ?",
+                                (hwid, identity, ISSUED, issued_ms, _caps_text(caps), ISSUED))
+                self.db.execute("UPDATE claims SET used = used + 1 WHERE batch = ?", (batch,))
+            self.registry.audit(SYSTEM, {"claim": "provision", "rotate": "rotate_issued",
+                                         "recover": "recover_issued"}[how], identity,
+                                "enrolled by claim" if how == "claim" else
+                                ("rotation before expiry" if how == "rotate" else
+                                 "expired certificate recovered with proof of its key"),
+                                "serial %x, %d s%s%s" % (cert.serial_number, lifetime_s,
+                                                         ", site %s" % site if site else "",
+                                                         ", caps %s" % _caps_text(caps) if caps else ""))
+        self.registry._atomic(op)
+        return ("issued", identity, der, issued_ms, not_after_ms)
+
+    def _answer(self, nonce, outcome):
+        msg = {"v": enroll.VERSION, "nonce": nonce, "now_ms": self.clock_ms(), "status": outcome[0]}
+        if outcome[0] == "issued":
+            _, identity, der, issued_ms, not_after_ms = outcome
+            msg.update(cert=der, identity=identity, issued_ms=issued_ms, not_after_ms=not_after_ms)
+        else:
+            msg.update(reason="approval required", retry_ms=PENDING_RETRY_MS)
+        return cbor.dumps(msg)
+
+    def _refuse_answer(self, nonce, exc, who, hwid):
+        reason = exc.reason if isinstance(exc, Refusal) else getattr(exc, "code", "refused")
+        self._refused(who, reason, hwid)
+        retry_ms = exc.retry_ms if isinstance(exc, Refusal) else REFUSED_RETRY_MS
+        return cbor.dumps({"v": enroll.VERSION, "nonce": nonce, "now_ms": self.clock_ms(),
+                           "status": "refused", "reason": reason, "retry_ms": retry_ms})
+
+    def _refused(self, who, reason, hwid):
+        self.registry.audit(SYSTEM, "enroll_refused", who, reason, "hwid %s" % hwid if hwid else "")
+
+
+def _parse(payload):
+    """-> (message map, nonce or None)."""
+    if not isinstance(payload, (bytes, bytearray)) or len(payload) > REQUEST_BYTES_MAX:
+        return {}, None
+    try:
+        msg = cbor.loads(bytes(payload))
+    except CBORError:
+        return {}, None
+    if not isinstance(msg, dict) or msg.get("v") != enroll.VERSION:
+        return {}, None
+    nonce = msg.get("nonce")
+    if not isinstance(nonce, bytes) or not 8 <= len(nonce) <= 32:
+        return msg, None
+    return msg, nonce
+
+
+def _bytes(msg, key, len_max):
+    value = msg.get(key)
+    if not isinstance(value, bytes) or not 0 < len(value) <= len_max:
+        raise Refusal("bad_" + key)
+    return value
+
+
+def _check_hwid(hwid):
+    try:
+        return check_id("hardware", hwid, HWID_LEN_MAX)
+    except IdentityError:
+        raise Refusal("bad_hwid") from None
+
+
+def _caps_text(caps):
+    if not isinstance(caps, dict):
+        return ""
+    clean = {k: v for k, v in caps.items() if isinstance(k, str) and len(k) <= 32 and isinstance(v, bool)}
+    return json.dumps(dict(sorted(clean.items())[:16]), sort_keys=True)
+
+
+def _fingerprint(cert):
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
