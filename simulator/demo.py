@@ -10,10 +10,10 @@ import time
 
 from agent import telemetry
 from cloud.service import Cloud
-from simulator import hostile, identity_drill, live
+from simulator import hostile, identity_drill, live, provision_drill
 from simulator.fleet import Fleet
 from simulator.report import render
-from simulator.verify import summarize
+from simulator.verify import Check, summarize
 
 
 def fleet_config(i):
@@ -32,15 +32,23 @@ async def run_demo(args):
         os.remove(os.path.join(cloud_dir, "tether.db"))  # a fresh store for a fresh run
     cloud = Cloud(cloud_dir, broker=args.broker)
     view = live.Progress(quiet=args.quiet)
-    view.say("starting the reference cloud (%s broker, mTLS) on port %d" % (cloud.kind, cloud.port))
+    view.say("starting the reference cloud (%s broker, mTLS) on ports %d (devices) and %d (provisioning)"
+             % (cloud.kind, cloud.port, cloud.prov_port))
     await cloud.start()
     try:
-        t = time.monotonic()
-        creds = cloud.issue_devices(args.devices)
-        view.say("issued %d device certificates in %.1f s" % (len(creds), time.monotonic() - t))
+        d = args.duration
+        # Every tenth device gets a certificate short enough to be rotated
+        # during the run (at two thirds of its lifetime, after the broker
+        # restart; it expires after the run); every tenth waits for operator
+        # approval before it is enrolled. Runs too short for that rotate none.
+        short_cert_s = int(1.2 * d) if d > 12 else None
+        provisioning = provision_drill.ProvisionDrill(cloud, args.devices, seed=args.seed,
+                                                      short_cert_s=short_cert_s)
+        creds = await provisioning.run()
+        view.say("enrolled %d devices by claim in %.1f s (each made its own key; %d after operator approval)"
+                 % (len(creds), provisioning.seconds, provisioning.approved))
         fleet = Fleet(creds, cloud.ca_path, cloud.host, cloud.port, seed=args.seed,
                       config=fleet_config, progress=view.update)
-        d = args.duration
         cut_at, cut_for = 0.3 * d, max(4.0, 0.15 * d)
         restart_at = 0.65 * d
         marks = [(cut_at, cut_at + cut_for, "network cut"), (restart_at, restart_at + 1.5, "broker restart")]
@@ -58,22 +66,31 @@ async def run_demo(args):
             await cloud.restart_broker(down_s=1.5)
             view.say("broker back")
 
+        first_certs = {dev.identity: dev.id_core.record["a"]["cert"] for dev in fleet.devices}
+        quarantine = QuarantineDrill(cloud, creds[2:4])
+        victim = (creds[0].tenant, creds[0].device)
         fleet.start()
         attacks = hostile.Attacks(cloud, creds[0])
         drill = identity_drill.RevocationDrill(cloud)
         events = [(cut_at, cut), (cut_at + cut_for, restore), (restart_at, restart),
-                  (0.5 * d, attacks.run), (0.55 * d, drill.run)]
+                  (0.45 * d, quarantine.run), (0.5 * d, attacks.run), (0.55 * d, drill.run),
+                  (0.6 * d, lambda: provisioning.attack(victim))]
         await fleet.run_for(d, events)
         view.say("sampling done; draining every device queue")
         drained = await fleet.drain(timeout_s=60)
         duration = fleet.elapsed_s()
         await cloud.ingest.stats()  # commits anything pending
+        rotation = rotation_check(cloud, fleet, first_certs, short_cert_s, duration)
         summary = summarize(fleet, cloud.store, duration, drained,
-                            extra_checks=attacks.checks(cloud) + drill.checks())
-        summary["identity"] = dict(drill.section(), **attacks.identity_counts())
-        tried, refused = drill.attacks()
-        summary["identity"]["attacks_tried"] += tried
-        summary["identity"]["attacks_refused"] += refused
+                            extra_checks=attacks.checks(cloud) + drill.checks() + provisioning.checks(victim)
+                            + quarantine.checks() + [rotation])
+        counts = cloud.provisioning.counts()
+        summary["identity"] = dict({"provisioned": counts["provisioned"], "rotated": counts["rotated"],
+                                    "quarantined": len(cloud.registry.quarantined())},
+                                   **drill.section(), **attacks.identity_counts(cloud))
+        for tried, refused in (drill.attacks(), provisioning.attack_counts(victim)):
+            summary["identity"]["attacks_tried"] += tried
+            summary["identity"]["attacks_refused"] += refused
         summary["faults"] = {"network_cut_s": cut_for, "network_cut_at_s": round(cut_at, 1),
                              "broker_restart_at_s": round(restart_at, 1)}
         summary["broker"] = cloud.kind
@@ -87,6 +104,50 @@ async def run_demo(args):
     with open(os.path.join(out, "report.html"), "w") as f:
         f.write(render(summary, fleet.metrics.timeline, marks, title="tether demo"))
     return summary
+
+
+class QuarantineDrill:
+    """Quarantines a few running devices: they stay connected, their later
+    telemetry is flagged and kept out of normal reads."""
+
+    def __init__(self, cloud, creds):
+        self.cloud = cloud
+        self.identities = ["%s/%s" % (c.tenant, c.device) for c in creds]
+
+    async def run(self):
+        for identity in self.identities:
+            self.cloud.registry.quarantine(identity, "demo: anomalous readings under investigation",
+                                           "demo-operator")
+
+    def checks(self):
+        flagged = {}
+        for identity in self.identities:
+            tenant, device = identity.split("/")
+            flagged[identity] = len(self.cloud.store.tenant(tenant).flagged(device=device))
+        ok = bool(flagged) and all(n > 0 for n in flagged.values())
+        return [Check("quarantined devices stayed connected, their telemetry flagged and kept apart", ok,
+                      ", ".join("%s: %d flagged" % kv for kv in sorted(flagged.items())))]
+
+
+def rotation_check(cloud, fleet, first_certs, cert_s, duration_s):
+    """Devices with a short certificate must have rotated (a new key and
+    certificate in use, the old certificate retired) if the run lasted past
+    two thirds of its lifetime."""
+    if cert_s is None:
+        return Check("short-lived certificates rotated before expiry, old ones retired", True,
+                     "run too short to rotate a certificate during it")
+    due = [d for d in fleet.devices if _lifetime_s(d) <= cert_s and cert_s * 2 / 3 < duration_s - 2]
+    rotated = [d for d in due if d.id_core.record["a"]["cert"] != first_certs[d.identity]]
+    retired = cloud.provisioning.counts()["rotated"]
+    return Check("short-lived certificates rotated before expiry, old ones retired",
+                 len(rotated) == len(due) and retired >= len(due),
+                 "%d of %d due rotated; %d rotations confirmed (old certificate on the CRL)"
+                 % (len(rotated), len(due), retired))
+
+
+def _lifetime_s(dev):
+    a = dev.id_core.record["a"]
+    return (a["exp"] - a["iss"]) / 1000
 
 
 def main(args):

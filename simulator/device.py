@@ -5,8 +5,8 @@ import asyncio
 import ssl
 import struct
 
-from agent import events, mqtt, telemetry
-from agent.actions import Append, Connect, Log, Publish, WriteAtomic
+from agent import enroll, events, mqtt, telemetry
+from agent.actions import Append, Connect, Log, Publish, UseIdentity, WriteAtomic
 from agent.errors import LocalError, MQTTError
 from board.codec import CODEC
 from board.sim import SimFlash, SimRng
@@ -33,6 +33,8 @@ class Link(asyncio.Protocol):
         # that interval, so the broker never takes a quiet device for dead.
         keepalive_s = max(KEEPALIVE_S, int(3 * self.device.fleet.sample_interval_s) + 1)
         transport.write(mqtt.connect(self.device.identity, keepalive_s, clean_session=True))
+        if self.device.id_core is not None:  # answers to a rotation come here
+            transport.write(mqtt.subscribe(1, [(enroll.device_topics(self.device.identity)[1], 1)]))
         self.timer = self.device.fleet.loop.call_later(CONNECT_TIMEOUT_S, self.connack_timeout)
 
     def connack_timeout(self):
@@ -66,13 +68,19 @@ class Link(asyncio.Protocol):
 
 
 class VirtualDevice:
-    def __init__(self, fleet, tenant, device, ssl_context, seed, config=None, epoch_base=0):
+    def __init__(self, fleet, tenant, device, ssl_context, seed, config=None, epoch_base=0,
+                 flash=None, id_core=None, id_board=None):
         self.fleet = fleet
         self.tenant = tenant
         self.device = device
         self.identity = "%s/%s" % (tenant, device)
         self.ssl_context = ssl_context
-        self.flash = SimFlash()
+        self.flash = flash if flash is not None else SimFlash()
+        # An enrolled device (simulator/enroller.py) also runs its identity
+        # core: rotation before expiry, over this same connection.
+        self.id_core = id_core
+        self.id_board = id_board
+        self.rotations = 0
         if epoch_base:
             # A simulated device reusing a real identity must not repeat the
             # (epoch, seq) of an earlier run: start from a later epoch.
@@ -111,6 +119,7 @@ class VirtualDevice:
     def sample(self, readings):
         self.check_ack_timeout()
         self.feed(events.Sample(self.fleet.now_ms(), readings))
+        self.feed_identity(events.Tick(self.fleet.now_ms()))
 
     def schedule_tick(self):
         if self.fleet.closing:
@@ -119,6 +128,34 @@ class VirtualDevice:
             self.tick_handle.cancel()
         delay_s = max(0, self.core.connect_at_ms - self.fleet.now_ms()) / 1000
         self.tick_handle = self.fleet.loop.call_later(delay_s, self.on_tick)
+
+    # -- identity ---------------------------------------------------------------
+
+    def feed_identity(self, event):
+        if self.id_core is None:
+            return
+        try:
+            actions = self.id_board.run(self.id_core, self.id_core.handle(event))
+        except LocalError as e:
+            self.fleet.core_errors.append("%s identity: %s" % (self.identity, e))
+            return
+        for action in actions:
+            if isinstance(action, Publish):
+                if self.link is not None:
+                    self.publish(action, count=False)
+            elif isinstance(action, UseIdentity) and action.name is None:
+                # Recovery goes through the claim endpoint, which the fleet's
+                # devices do not drive (simulator/enroller.py does): counted.
+                self.note("identity_recovery_needed", self.id_core.last_reason)
+            elif isinstance(action, UseIdentity):
+                # A new certificate to prove: reconnect with it.
+                self.ssl_context = self.id_board.keystore.client_context(action.name, action.cert,
+                                                                        self.fleet.cafile)
+                self.rotations += 1
+                if self.link is not None:
+                    self.link.transport.abort()
+            elif isinstance(action, Log):
+                self.note(action.code, action.detail)
 
     def on_tick(self):
         self.tick_handle = None
@@ -145,13 +182,16 @@ class VirtualDevice:
             elif isinstance(action, Log):
                 self.note(action.code, action.detail)
 
-    def publish(self, action):
+    def publish(self, action, count=True):
         pid = self.next_pid
         self.next_pid = pid % 65535 + 1
-        self.packet_ids[pid] = action.token
-        self.sent_ms[action.token] = self.fleet.now_ms()
+        if count:  # telemetry: tracked for acks and timeouts
+            self.packet_ids[pid] = action.token
+            self.sent_ms[action.token] = self.fleet.now_ms()
+            self.fleet.metrics.published += 1
+        elif action.token is not None:
+            self.packet_ids[pid] = ("id", action.token)
         self.link.transport.write(mqtt.publish(action.topic, action.payload, 1, pid))
-        self.fleet.metrics.published += 1
 
     async def open_link(self):
         if not self.fleet.network_up:
@@ -179,9 +219,17 @@ class VirtualDevice:
             return
         if link is not self.link:
             return  # a connection we have already given up on
+        if isinstance(packet, mqtt.Publish):
+            if packet.packet_id is not None:
+                link.transport.write(mqtt.puback(packet.packet_id))
+            self.feed_identity(events.Message(self.fleet.now_ms(), packet.topic, packet.payload))
+            return
         if isinstance(packet, mqtt.PubAck):
             token = self.packet_ids.pop(packet.packet_id, None)
             if token is None:
+                return
+            if token[0] == "id":
+                self.feed_identity(events.PubAcked(token[1]))
                 return
             self.sent_ms.pop(token, None)
             self.acked.add(token)
@@ -200,12 +248,14 @@ class VirtualDevice:
         self.pending = None
         if packet.return_code != 0:
             self.note("refused", mqtt.connack_reason(packet.return_code))
+            self.feed_identity(events.Refused(self.fleet.now_ms(), mqtt.connack_reason(packet.return_code)))
             link.abort()
             return
         self.link = link
         self.connecting = False
         self.fleet.metrics.connects += 1
         self.feed(events.Connected(self.fleet.now_ms()))
+        self.feed_identity(events.Connected(self.fleet.now_ms()))
 
     def on_link_lost(self, link, reason):
         if link is self.link or (self.link is None and self.connecting):
@@ -218,6 +268,7 @@ class VirtualDevice:
         self.task = None
         self.packet_ids.clear()
         self.sent_ms.clear()
+        self.feed_identity(events.ConnectionLost(self.fleet.now_ms(), reason))
         if self.core.state in (telemetry.ONLINE, telemetry.CONNECTING):
             self.feed(events.ConnectionLost(self.fleet.now_ms(), reason))
             self.schedule_tick()

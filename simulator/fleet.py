@@ -5,7 +5,7 @@ import asyncio
 import random
 import time
 
-from agent import telemetry
+from agent import events, telemetry
 from cloud import probe
 from cloud.service import DeviceCredential as Credential  # noqa: F401  (re-exported)
 from simulator.device import VirtualDevice
@@ -65,10 +65,17 @@ class Fleet:
         self.rng = random.Random(seed)
         self.t0 = time.monotonic()
         self.sampling = False
+        self.cafile = cafile
         self.devices = []
         for i, cred in enumerate(credentials):
-            ctx = client_context(cafile, cred.certfile, cred.keyfile)
             dev_config = config(i) if callable(config) else config
+            enrolled = getattr(cred, "enroller", None)
+            if enrolled is not None:  # enrolled by claim: its key, flash and identity core
+                self.devices.append(VirtualDevice(
+                    self, cred.tenant, cred.device, cred.context, seed * 1_000_003 + i, dev_config,
+                    self.epoch_base, flash=enrolled.board.flash, id_core=enrolled.core, id_board=enrolled.board))
+                continue
+            ctx = client_context(cafile, cred.certfile, cred.keyfile)
             self.devices.append(VirtualDevice(self, cred.tenant, cred.device, ctx,
                                               seed * 1_000_003 + i, dev_config, self.epoch_base))
 
@@ -138,6 +145,8 @@ class Fleet:
             for dev in busy:
                 if dev.core.state == telemetry.OFFLINE and dev.tick_handle is None:
                     dev.schedule_tick()
+            for dev in self.devices:  # identity cores keep their clocks while draining
+                dev.feed_identity(events.Tick(self.now_ms()))
             await asyncio.sleep(0.5)
         return False
 

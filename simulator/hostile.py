@@ -89,10 +89,19 @@ class Attacks:
         writer.close()
         return "accepted" if rc == 0 else "inconclusive: CONNACK %d, not a TLS refusal" % rc
 
-    def identity_counts(self):
-        """The connection-level attacks (identity controls) and how many were refused."""
+    def _forged(self, cloud):
+        victim = cloud.store.tenant("globex").telemetry(device="dev-00001")
+        return [r for r in victim if r["epoch"] == 0 and r["seq"] == 5 and r["ts_ms"] == 1_800_000_000_000]
+
+    def identity_counts(self, cloud):
+        """The identity attacks here (no certificate, a foreign CA, a device
+        publishing into another tenant) and how many were refused."""
         tried = [self.results.get("no_client_cert"), self.results.get("foreign_ca")]
-        return {"attacks_tried": len(tried), "attacks_refused": sum(1 for r in tried if r == "refused")}
+        refused = sum(1 for r in tried if r == "refused")
+        if "publishes" in self.results:
+            tried.append("cross_tenant")
+            refused += not self._forged(cloud)
+        return {"attacks_tried": len(tried), "attacks_refused": refused}
 
     def checks(self, cloud):
         if not self.results:
@@ -103,8 +112,7 @@ class Attacks:
         stored = view.telemetry(device=ROGUE[1])
         duplicates = view.counts().get("duplicates_dropped", 0)
         sent = len(self.payloads())
-        victim = cloud.store.tenant("globex").telemetry(device="dev-00001")
-        forged = [r for r in victim if r["epoch"] == 0 and r["seq"] == 5 and r["ts_ms"] == 1_800_000_000_000]
+        forged = self._forged(cloud)
         return [
             Check("hostile client's publishes all reached the broker", self.results["publishes"] == sent,
                   "%d of %d acknowledged" % (self.results["publishes"], sent)),

@@ -48,9 +48,12 @@ async def test_demo_survives_network_cut_and_broker_restart(tmp_path, broker):
     ident = summary["identity"]
     assert ident["revoked"] == 3 and ident["revoke_block_ms_max"] < 1000
     assert ident["revoked_reconnects_refused"] == ident["revoked_reconnects_tried"] == 9
-    assert ident["clones_detected"] == 1 and ident["attacks_tried"] == 3
+    # no client certificate, foreign CA, another tenant's topic, clone, claim
+    # certificate publishing telemetry, claim past its quota
+    assert ident["clones_detected"] == 1 and ident["attacks_tried"] == 6
     # Mosquitto can only flag a clone (from its log); the embedded broker refuses it.
-    assert ident["attacks_refused"] == (3 if broker == "embedded" else 2)
+    assert ident["attacks_refused"] == (6 if broker == "embedded" else 5)
+    assert ident["provisioned"] == 24 and ident["quarantined"] == 2
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["telemetry"] == t
     report = (tmp_path / "report.html").read_text()
