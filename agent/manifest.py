@@ -150,36 +150,52 @@ class ChunkVerifier:
     exactly as the manifest hashes it; finish() checks that every chunk came
     and (with whole=True) the SHA-256 of the whole payload. State is a few
     integers and one running hash. After any error every call raises
-    `failed`.
+    `failed`. next_index > 0 resumes a stream at that chunk (only with
+    whole=False: a hash state cannot be resumed).
     """
 
-    def __init__(self, manifest, whole=True):
+    def __init__(self, manifest, whole=True, next_index=0):
+        if whole and next_index:
+            raise LocalError("a whole-payload hash cannot start mid-stream", "bad_resume")
+        if not 0 <= next_index <= manifest.chunk_count():
+            raise LocalError("resume index %d is outside the payload" % next_index, "bad_resume")
         self.manifest = manifest
-        self.next_index = 0
-        self.received_bytes = 0
+        self.next_index = next_index
+        self.received_bytes = min(next_index * CHUNK_BYTES, manifest.size)
         self.finished = False
         self.error = None
         self._whole = hashlib.sha256() if whole else None
+        # The hot path (update) reads these instead of calling into manifest.
+        self._closed = False                # finished, or failed
+        self._count = manifest.chunk_count()
+        self._last_bytes = manifest.size - (self._count - 1) * CHUNK_BYTES
+        self._hashes = manifest.chunk_hashes
 
     def update(self, index, data):
-        self._usable()
-        try:
-            self._update(index, data)
-        except ManifestError as error:
-            self.error = error
-            raise
+        """Accept chunk `index` (bytes, bytearray or memoryview), or raise."""
+        if self._closed:
+            self._usable()
+        n = len(data)
+        if (index != self.next_index or index >= self._count
+                or n != (CHUNK_BYTES if index < self._count - 1 else self._last_bytes)):
+            self._refuse(index, n)
+        at = index << 5                     # * DIGEST_BYTES
+        if _sha256(data).digest() != self._hashes[at:at + 32]:
+            self._fail(ManifestError("chunk %d does not match its hash" % index, "tampered_chunk"))
+        if self._whole is not None:
+            self._whole.update(data)
+        self.next_index = index + 1
+        self.received_bytes += n
 
     def finish(self):
         self._usable()
         m = self.manifest
-        if self.next_index != m.chunk_count():
-            self.error = ManifestError("payload ended after %d of %d bytes"
-                                       % (self.received_bytes, m.size), "truncated")
-            raise self.error
+        if self.next_index != self._count:
+            self._fail(ManifestError("payload ended after %d of %d bytes"
+                                     % (self.received_bytes, m.size), "truncated"))
         if self._whole is not None and self._whole.digest() != m.sha256:
-            self.error = ManifestError("payload SHA-256 differs from the manifest", "payload_hash")
-            raise self.error
-        self.finished = True
+            self._fail(ManifestError("payload SHA-256 differs from the manifest", "payload_hash"))
+        self.finished = self._closed = True
 
     def _usable(self):
         if self.error is not None:
@@ -187,27 +203,26 @@ class ChunkVerifier:
         if self.finished:
             raise ManifestError("verifier already finished", "failed")
 
-    def _update(self, index, data):
-        m = self.manifest
-        if index >= m.chunk_count():
-            raise ManifestError("chunk %d is beyond the payload's %d chunks"
-                                % (index, m.chunk_count()), "oversized")
+    def _fail(self, error):
+        self.error = error
+        self._closed = True
+        raise error
+
+    def _refuse(self, index, n):
+        """The first thing wrong with chunk `index` of n bytes, raised."""
+        count = self._count
+        if index >= count:
+            self._fail(ManifestError("chunk %d is beyond the payload's %d chunks"
+                                     % (index, count), "oversized"))
         if index != self.next_index:
-            raise ManifestError("chunk %d arrived, expected %d" % (index, self.next_index),
-                                "out_of_order")
-        want = min(CHUNK_BYTES, m.size - index * CHUNK_BYTES)
-        if len(data) > want:
-            raise ManifestError("chunk %d has %d bytes, expected %d" % (index, len(data), want),
-                                "oversized")
-        if len(data) < want:
-            raise ManifestError("chunk %d has %d bytes, expected %d" % (index, len(data), want),
-                                "truncated")
-        if hashlib.sha256(data).digest() != m.chunk_hash(index):
-            raise ManifestError("chunk %d does not match its hash" % index, "tampered_chunk")
-        if self._whole is not None:
-            self._whole.update(data)
-        self.next_index += 1
-        self.received_bytes += len(data)
+            self._fail(ManifestError("chunk %d arrived, expected %d" % (index, self.next_index),
+                                     "out_of_order"))
+        want = min(CHUNK_BYTES, self.manifest.size - index * CHUNK_BYTES)
+        self._fail(ManifestError("chunk %d has %d bytes, expected %d" % (index, n, want),
+                                 "oversized" if n > want else "truncated"))
+
+
+_sha256 = hashlib.sha256
 
 
 # ---------------------------------------------------------------- release key set

