@@ -40,8 +40,9 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.session import INCOMING
 
-from cloud.ca import (CLAIMS_IDENTITY, INGEST_IDENTITY, PROVISIONER_IDENTITIES, check_id, identity_of,
-                      is_claim_identity, is_cloud_identity, parse_identity)
+from cloud.ca import (CLAIMS_IDENTITY, INGEST_IDENTITY, OTA_IDENTITY, PROVISIONER_IDENTITY,
+                      SERVICE_IDENTITIES, SUPPORT_IDENTITY, check_id, identity_of, is_claim_identity,
+                      is_cloud_identity, parse_identity)
 from cloud.errors import BrokerError, CloudError
 
 IDENTITY_KEY = "tether.identity"
@@ -102,18 +103,34 @@ def quiet_amqtt(level=logging.ERROR):
         logging.getLogger(name).setLevel(level)
 
 
+# Device <-> cloud service topics, t/<tenant>/<device>/<kind> (docs/design.md):
+# kind -> (device's direction, cloud service identity). "up": the device
+# publishes and the service receives; "down": the service publishes and the
+# device receives. These are relayed between the two, never ingested.
+SERVICE_TOPICS = {
+    "enroll": ("up", PROVISIONER_IDENTITY),   # rotation requests, confirmations
+    "cert": ("down", PROVISIONER_IDENTITY),   # their answers
+    "ota": ("up", OTA_IDENTITY),              # update reports, chunk requests
+    "update": ("down", OTA_IDENTITY),         # offers, chunks
+    "audit": ("up", SUPPORT_IDENTITY),        # console audit log segments
+    "support": ("down", SUPPORT_IDENTITY),    # grant revocations, trusted time, checkpoints
+}
+# Kinds a quarantined device keeps (besides its telemetry, which is flagged):
+# identity upkeep, updates and the field console's audit trail.
+QUARANTINE_KEEPS = ("enroll", "cert", "ota", "update", "audit", "support")
+
+
 def permits(identity, action, topic, quarantined=False, client_id=None):
     """The ACL: may `identity` publish / subscribe / receive `topic`? A
     quarantined device keeps its telemetry topic (the ingest flags what it
-    sends) and gains the quarantine topics, diagnostics out and updates in;
-    it loses its command topic. Enrollment (docs/identity.md): a claim
-    certificate reaches only prov/<claim>/<its client id>/req and resp; a
-    device its own t/<id>/enroll and t/<id>/cert; the provisioning service
-    the other ends of both."""
+    sends), its service topics (QUARANTINE_KEEPS) and gains q/<id>/diag
+    (out) and q/<id>/update (in); it loses its command topic. Enrollment
+    (docs/identity.md): a claim certificate reaches only
+    prov/<claim>/<its client id>/req and resp."""
     if identity == INGEST_IDENTITY:
         return action in (SUBSCRIBE, RECEIVE) and topic.split("/")[0] == "t"
-    if identity in PROVISIONER_IDENTITIES:
-        return _provisioner_permits(identity, action, topic)
+    if identity in SERVICE_IDENTITIES:
+        return _service_permits(identity, action, topic)
     if is_claim_identity(identity):
         if client_id is None:
             return False
@@ -122,36 +139,47 @@ def permits(identity, action, topic, quarantined=False, client_id=None):
         return action in (SUBSCRIBE, RECEIVE) and topic == "prov/%s/%s/resp" % (identity, client_id)
     if is_cloud_identity(identity):
         return False
-    if action == PUBLISH:
-        return topic in ("t/%s/telemetry" % identity, "t/%s/enroll" % identity) or \
-            (quarantined and topic == "q/%s/diag" % identity)
-    if action in (SUBSCRIBE, RECEIVE):
-        if topic == "t/%s/cert" % identity:
-            return True
-        if quarantined:
-            return topic == "q/%s/update" % identity
-        return topic == "t/%s/cmd" % identity
+    own = "t/%s/" % identity
+    if topic.startswith(own) and topic.count("/") == 3:
+        kind = topic[len(own):]
+        if kind in SERVICE_TOPICS:
+            up = SERVICE_TOPICS[kind][0] == "up"
+            return up == (action == PUBLISH)
+        if kind == "telemetry":
+            return action == PUBLISH
+        if kind == "cmd":
+            return action in (SUBSCRIBE, RECEIVE) and not quarantined
+        return False
+    if quarantined:
+        if action == PUBLISH:
+            return topic == "q/%s/diag" % identity
+        return topic == "q/%s/update" % identity
     return False
 
 
-def _provisioner_permits(identity, action, topic):
+def _service_permits(identity, action, topic):
     parts = topic.split("/")
     if identity == CLAIMS_IDENTITY:  # on the provisioning listener
         if action == SUBSCRIBE:
             return topic == "prov/+/+/req"
         ok = len(parts) == 4 and parts[0] == "prov" and "+" not in topic and "#" not in topic
         return ok and parts[3] == ("req" if action == RECEIVE else "resp")
+    kinds = [k for k, (_, owner) in SERVICE_TOPICS.items() if owner == identity]
     if action == SUBSCRIBE:
-        return topic == "t/+/+/enroll"
-    ok = len(parts) == 4 and parts[0] == "t" and "+" not in topic and "#" not in topic
-    return ok and parts[3] == ("enroll" if action == RECEIVE else "cert")
+        return topic in ["t/+/+/%s" % k for k in kinds if SERVICE_TOPICS[k][0] == "up"]
+    if len(parts) != 4 or parts[0] != "t" or "+" in topic or "#" in topic or parts[3] not in kinds:
+        return False
+    return (SERVICE_TOPICS[parts[3]][0] == "up") == (action == RECEIVE)
 
 
-def is_enrollment_topic(topic):
-    """Topics relayed between devices and the provisioning service, not ingested."""
+def is_service_topic(topic):
+    """Topics relayed between devices and the cloud's services, not ingested."""
     parts = topic.split("/")
     return len(parts) == 4 and ((parts[0] == "prov" and parts[3] in ("req", "resp")) or
-                                (parts[0] == "t" and parts[3] in ("enroll", "cert")))
+                                (parts[0] == "t" and parts[3] in SERVICE_TOPICS))
+
+
+is_enrollment_topic = is_service_topic
 
 
 def server_context(ca_path, cert_path, key_path):
@@ -494,8 +522,8 @@ class Broker(AmqttBroker):
                 not permits(identity, PUBLISH, message.topic, identity in self.quarantined, session.client_id):
             self.refuse(identity, PUBLISH, message.topic, R_NOT_PERMITTED)
             return REFUSED
-        if self.on_publish is None or is_enrollment_topic(message.topic):
-            return ACCEPTED  # enrollment messages are relayed to the provisioning service
+        if self.on_publish is None or is_service_topic(message.topic):
+            return ACCEPTED  # service messages are relayed to the cloud's services (SERVICE_TOPICS)
         self._inflight += 1
         self._idle.clear()
         try:
@@ -516,7 +544,7 @@ class Broker(AmqttBroker):
 
     def relays(self, topic):
         """Is an accepted PUBLISH on `topic` passed on to subscribers?"""
-        return self.relay or is_enrollment_topic(topic)
+        return self.relay or is_service_topic(topic)
 
 
 def _identity_from_der(der, listener="default"):

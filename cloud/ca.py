@@ -32,6 +32,9 @@ DEVICE_LEN_MAX = 64
 INGEST_IDENTITY = "$cloud/ingest"
 PROVISIONER_IDENTITY = "$cloud/provisioner"  # on the device listener (rotation)
 CLAIMS_IDENTITY = "$cloud/claims"            # on the provisioning listener (claims, recovery)
+OTA_IDENTITY = "$cloud/ota"                  # offers and chunks out, update reports in
+SUPPORT_IDENTITY = "$cloud/support"          # console audit logs in, grant revocations out
+SERVICE_IDENTITIES = (PROVISIONER_IDENTITY, CLAIMS_IDENTITY, OTA_IDENTITY, SUPPORT_IDENTITY)
 PROVISIONER_IDENTITIES = (PROVISIONER_IDENTITY, CLAIMS_IDENTITY)
 CLOUD_PREFIX = "$cloud/"
 # A factory claim certificate (one per batch) has CN "claim:<batch>"; it is

@@ -37,7 +37,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from cloud.ca import CLAIMS_IDENTITY, INGEST_IDENTITY, PROVISIONER_IDENTITY, parse_identity
+from cloud.ca import CLAIMS_IDENTITY, INGEST_IDENTITY, parse_identity
 from cloud.errors import MosquittoError
 
 CONF_FILE = "mosquitto.conf"
@@ -86,22 +86,16 @@ def acl_text(extra=(), denied=(), quarantined=()):
         "# a claim certificate (provisioning listener, client id = hardware id)\n"
         "# only on prov/<claim>/<hwid>/. A client id with / or wildcards only\n"
         "# makes topics nobody subscribes to.\n"
-        "pattern write t/%u/enroll\n"
-        "pattern read t/%u/cert\n"
         "pattern write prov/%u/%c/req\n"
         "pattern read prov/%u/%c/resp\n"
         "\n"
         "user " + INGEST_IDENTITY + "\n"
         "topic read t/#\n"
         "\n"
-        "user " + PROVISIONER_IDENTITY + "\n"
-        "topic read t/+/+/enroll\n"
-        "topic write t/+/+/cert\n"
-        "\n"
         "user " + CLAIMS_IDENTITY + "\n"
         "topic read prov/+/+/req\n"
         "topic write prov/+/+/resp\n"
-    )
+    ) + _service_acl()
     text += "".join(line + "\n" for line in extra)
     for identity in set(denied) | set(quarantined):
         parse_identity(identity)  # an identity can never carry ACL syntax into this file
@@ -112,6 +106,20 @@ def acl_text(extra=(), denied=(), quarantined=()):
                  "user %s\ntopic deny t/%s/cmd\ntopic write q/%s/diag\ntopic read q/%s/update\n"
                  % (identity, identity, identity, identity))
     return text
+
+
+def _service_acl():
+    """Device <-> service topics from the one table both brokers use
+    (cloud/broker.py SERVICE_TOPICS)."""
+    from cloud.broker import SERVICE_TOPICS
+    lines = ["# device <-> cloud service topics (cloud/broker.py SERVICE_TOPICS)"]
+    owners = {}
+    for kind, (direction, owner) in sorted(SERVICE_TOPICS.items()):
+        lines.append("pattern %s t/%%u/%s" % ("write" if direction == "up" else "read", kind))
+        owners.setdefault(owner, []).append("topic %s t/+/+/%s" % ("read" if direction == "up" else "write", kind))
+    for owner in sorted(owners):
+        lines += ["", "user " + owner] + owners[owner]
+    return "\n".join(lines) + "\n"
 
 
 def config_text(data_dir, host, port, ca_path, cert_path, key_path,
