@@ -1,0 +1,74 @@
+"""`tether cloud support`: grants only with a distinct approver (recorded),
+revocation, access review, and audit-log verification with exit codes,
+through tether's own command line (cloud/cli.py)."""
+
+import json
+
+import pytest
+
+from agent import auditlog, grant
+from agent.manifest import fingerprint
+from cloud import firmware
+from cloud.cli import main
+from simulator.console_drill import drop_last_records, edit_record
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_grant_review_revoke_through_the_cli(tmp_path, capsys):
+    data = str(tmp_path / "cloud")
+    _, pub, _ = firmware.write_keypair(str(tmp_path), "alice")
+    base = ["cloud", "support", "grant", "--data", data, "--technician", "alice", "--tech-key", pub,
+            "--device", "d1", "--device", "d2", "--role", "technician", "--hours", "2",
+            "--reason", "ticket 42", "--out", str(tmp_path / "a.grant")]
+    code, _, err = cli(capsys, *base, "--approved-by", "carol", "--requested-by", "carol")
+    assert code == 2 and "(self_approval)" in err
+    with pytest.raises(SystemExit) as e:               # argparse: --approved-by is required
+        main(base + ["--requested-by", "dave"])
+    assert e.value.code == 2 and "--approved-by" in capsys.readouterr().err
+    code, out, _ = cli(capsys, *base, "--approved-by", "carol", "--requested-by", "dave")
+    assert code == 0
+    gid = out.split()[1]
+    message = open(str(tmp_path / "a.grant"), "rb").read()
+    assert cli(capsys, "cloud", "support", "pubkey", "--data", data, "--out", str(tmp_path / "s.pub"))[0] == 0
+    point = open(str(tmp_path / "s.pub"), "rb").read()
+    keys = {fingerprint(point): point}          # what a device pins, from the exported key
+    g = grant.start(message, keys)[0]
+    assert (g.technician, g.role, g.devices) == ("alice", "technician", ["d1", "d2"])
+
+    code, out, _ = cli(capsys, "cloud", "support", "review", "--data", data, "--json")
+    row = json.loads(out)
+    assert (row["gid"], row["state"], row["requested_by"], row["approved_by"]) == (gid, "active", "dave", "carol")
+    code, out, _ = cli(capsys, "cloud", "support", "revoke", gid, "--data", data, "--by", "carol",
+                       "--reason", "done", "--out", str(tmp_path / "rl.cose"))
+    assert code == 0 and out.startswith("revoked")
+    iat, revoked = grant.verify_revocations(open(str(tmp_path / "rl.cose"), "rb").read(), keys)
+    assert revoked == [bytes.fromhex(gid)]
+    code, out, _ = cli(capsys, "cloud", "support", "review", "--data", data)
+    assert "revoked" in out and "dave/carol" in out
+    assert cli(capsys, "cloud", "support", "review", "--data", data, "--current", "--json")[1] == ""
+    assert cli(capsys, "cloud", "support", "revoke", "0" * 32, "--data", data, "--reason", "x")[0] == 2
+
+
+def test_verify_log_exit_codes_and_checkpoints(tmp_path, capsys):
+    data = str(tmp_path / "cloud")
+    chain = auditlog.AuditChain("d1")
+    log = b"".join(chain.record(1_800_000_000, "command", {"i": i}) for i in range(5))
+    path = str(tmp_path / "audit.log")
+    firmware.write_file(path, log)
+    code, out, _ = cli(capsys, "cloud", "support", "verify-log", "--data", data, "--device", "d1", "--log", path)
+    assert code == 0 and "chain verified" in out
+    firmware.write_file(path, edit_record(log, 1))
+    code, out, _ = cli(capsys, "cloud", "support", "verify-log", "--data", data, "--device", "d1", "--log", path)
+    assert code == 1 and "edit at seq 1" in out and "TAMPERED" in out
+    firmware.write_file(path, drop_last_records(log, 1))
+    code, out, _ = cli(capsys, "cloud", "support", "verify-log", "--data", data, "--device", "d1",
+                       "--log", path, "--json")
+    report = json.loads(out)
+    assert code == 1 and report["tamper"] and report["problems"][0][0] == "truncated"
+    assert cli(capsys, "cloud", "support", "verify-log", "--data", data, "--device", "d1",
+               "--log", str(tmp_path / "none"))[0] == 2
