@@ -11,6 +11,7 @@ without loss or silent gaps.
   tether demo          run the whole thing end to end and write a report
   tether cloud serve   run the reference cloud (broker + ingest + store)
   tether sim run       run the fleet simulator against a running cloud
+  tether cloud claim | allow | approve | enrollments   provisioning by claim
   tether cloud revoke | quarantine | release | audit    identity operations
   tether fw keygen | keyset | build | sign | verify | inspect   signed firmware
 """
@@ -75,8 +76,14 @@ def build_parser():
     au.add_argument("--device", help="only this TENANT/DEVICE")
     au.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
-    from cloud import fw_cli
+    from cloud import fw_cli, provision_cli
     fw_cli.add_parser(sub)
+    provision_cli.add_parser(csub)  # issue 3: provisioning by claim
+    from cloud import rollout_cli  # issue 5: staged rollouts, releases, maintenance windows
+    rollout_cli.add_parser(csub)
+    from cloud import console_tool, support_cli  # issue 6: console grants and the technician's tool
+    support_cli.add_parser(csub)
+    console_tool.add_parser(sub)
 
     r = sub.add_parser("sim", help="the fleet simulator")
     rsub = r.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
@@ -119,6 +126,15 @@ def main(argv=None):
     if args.command == "fw":
         from cloud import fw_cli
         return fw_cli.main(args)
+    if args.command == "cloud" and args.cloud_command in ("claim", "allow", "approve", "enrollments"):
+        from cloud import provision_cli
+        return provision_cli.main(args)
+    if args.command == "cloud" and args.cloud_command in ("rollout", "releases", "window"):
+        from cloud import rollout_cli
+        return rollout_cli.main(args)
+    if args.command == "console" or (args.command == "cloud" and args.cloud_command == "support"):
+        from cloud import console_tool, support_cli
+        return (console_tool if args.command == "console" else support_cli).main(args)
     if args.command == "sim" and args.sim_command == "run":
         from simulator.run import main as run_main
         return run_main(args)
