@@ -46,7 +46,10 @@ TRANSITIONS = {
 
 
 class Config:
-    """Limits of one agent. Every queue and retry has a bound."""
+    """Limits of one agent. Every queue and retry has a bound. Keep
+    inflight_max below capacity: records in flight are never dropped, so a
+    queue whose every record is in flight, with PUBACKs slow to come, must
+    refuse the next sample (counted in `refused`)."""
 
     def __init__(self, capacity=256, inflight_max=8, backoff_base_ms=500,
                  backoff_cap_ms=30000, compact_bytes_min=8192, drops_max=8):

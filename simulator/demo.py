@@ -10,7 +10,7 @@ import time
 
 from agent import telemetry
 from cloud.service import Cloud
-from simulator import hostile, identity_drill, live, provision_drill
+from simulator import console_drill, hostile, identity_drill, live, provision_drill
 from simulator.fleet import Fleet
 from simulator.report import render
 from simulator.verify import Check, summarize
@@ -18,9 +18,12 @@ from simulator.verify import Check, summarize
 
 def fleet_config(i):
     """Every fourth device has a small queue, so the network cut overflows it
-    and it must declare its drops; the rest hold the whole outage."""
+    and it must declare its drops; the rest hold the whole outage. The small
+    queue's in-flight window stays below its capacity: a queue whose every
+    record is in flight has nothing it may drop, and a slow PUBACK would then
+    make it refuse a sample."""
     if i % 4 == 3:
-        return telemetry.Config(capacity=4)
+        return telemetry.Config(capacity=4, inflight_max=2)
     return telemetry.Config(capacity=512)
 
 
@@ -84,6 +87,8 @@ async def run_demo(args):
         summary = summarize(fleet, cloud.store, duration, drained,
                             extra_checks=attacks.checks(cloud) + drill.checks() + provisioning.checks(victim)
                             + quarantine.checks() + [rotation])
+        console = console_drill.run_drill(devices=max(5, min(args.devices, 20)), seed=args.seed, details=True)
+        summary["checks"] += [c.as_dict() for c in console_checks(console)]
         counts = cloud.provisioning.counts()
         summary["identity"] = dict({"provisioned": counts["provisioned"], "rotated": counts["rotated"],
                                     "quarantined": len(cloud.registry.quarantined())},
@@ -91,6 +96,7 @@ async def run_demo(args):
         for tried, refused in (drill.attacks(), provisioning.attack_counts(victim)):
             summary["identity"]["attacks_tried"] += tried
             summary["identity"]["attacks_refused"] += refused
+        summary["console"] = {k: v for k, v in console.items() if k != "attacks"}
         summary["faults"] = {"network_cut_s": cut_for, "network_cut_at_s": round(cut_at, 1),
                              "broker_restart_at_s": round(restart_at, 1)}
         summary["broker"] = cloud.kind
@@ -104,6 +110,23 @@ async def run_demo(args):
     with open(os.path.join(out, "report.html"), "w") as f:
         f.write(render(summary, fleet.metrics.timeline, marks, title="tether demo"))
     return summary
+
+
+def console_checks(console):
+    """The field console drill (simulator/console_drill.py): technician
+    sessions with signed grants on simulated devices' serial consoles, and
+    the attacks on them; devices' audit chains checked by the cloud."""
+    missed = [a["attack"] for a in console["attacks"] if not a["refused"]]
+    return [
+        Check("console attacks refused (expired, other device, forged, escalation, replay, brute force, ...)",
+              console["attacks_tried"] > 0 and not missed,
+              "%d of %d refused%s" % (console["attacks_refused"], console["attacks_tried"],
+                                      "; NOT refused: " + ", ".join(missed) if missed else "")),
+        Check("untouched console audit chains verify, edited and truncated ones are caught",
+              console["audit_chain_verified"] and console["tamper_detected"],
+              "chains verified: %s; tampering detected: %s" % (console["audit_chain_verified"],
+                                                                console["tamper_detected"])),
+    ]
 
 
 class QuarantineDrill:
