@@ -51,11 +51,14 @@ class Log(Action):
 
 class MakeKey(Action):
     """Make a new device key in keystore slot `name` (replacing any key there)
-    and a CSR signed by it; answer with KeyMade(name, csr_der)."""
-    __slots__ = ("name",)
+    and a CSR signed by it; answer with KeyMade(name, csr_der). With reuse,
+    a key already in the slot is kept (a claim asked again after a reboot
+    must ask for the same key: the cloud may have certified it already)."""
+    __slots__ = ("name", "reuse")
 
-    def __init__(self, name):
+    def __init__(self, name, reuse=False):
         self.name = name
+        self.reuse = reuse
 
 
 class Sign(Action):

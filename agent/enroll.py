@@ -45,7 +45,11 @@ TEXT_MAX = 128
 RECOVER_CONTEXT = b"tether-recover-v1"
 
 OP_CLAIM, OP_ROTATE, OP_RECOVER, OP_CONFIRM = "claim", "rotate", "recover", "confirm"
-ISSUED, PENDING, REFUSED_ = "issued", "pending", "refused"
+ISSUED, PENDING, REFUSED_, CONFIRMED = "issued", "pending", "refused", "confirmed"
+# Refusals that say the certificate itself is bad (not a network hiccup):
+# one is enough to drop a candidate. Others count toward refusals_to_recover.
+DEFINITE_REFUSALS = ("cert_revoked", "cert_refused", "cert_expired", "unknown_ca", "not_authorized",
+                     "key_mismatch")
 
 UNENROLLED = "unenrolled"  # no identity yet: will claim
 KEYGEN = "keygen"          # asked the board for a key and CSR
@@ -69,7 +73,7 @@ TRANSITIONS = {
     (ENROLLED, Tick): "_enrolled_tick",
     (ENROLLED, Connected): "_enrolled_connected",
     (ENROLLED, Refused): "_enrolled_refused",
-    (ENROLLED, PubAcked): "_confirm_acked",
+    (ENROLLED, Message): "_confirm_answer",
 }
 # Link events any state takes in its stride (they only track connectivity),
 # and messages outside WAITING (late or replayed answers) are ignored.
@@ -165,6 +169,8 @@ def parse_answer(payload, nonce):
         if expires <= issued:
             raise EnrollError("certificate expires before it is issued", "bad_answer")
         return Answer(status, "", 0, cert, _text(msg.get("identity"), "identity"), now_ms, issued, expires)
+    if status == CONFIRMED:
+        return Answer(status, "", 0, None, None, now_ms, 0, 0)
     if status in (PENDING, REFUSED_):
         retry_ms = msg.get("retry_ms", 0)
         if not isinstance(retry_ms, int) or retry_ms < 0:
@@ -232,8 +238,10 @@ class Identity:
         self.nonce = None
         self.sent_ms = -1        # when the request went out; -1: not yet
         self.retry_at_ms = 0     # RETRY: when to ask again; ENROLLED: when to try rotating again
-        self.refusals = 0        # refusals of the active identity in a row
+        self.refusals = 0        # refusals of the identity being tried, in a row
         self.last_reason = ""
+        self.confirm_nonce = None  # the confirm out, waiting for the cloud's answer
+        self.confirm_ms = -1
 
     # -- boot ---------------------------------------------------------------
 
@@ -294,7 +302,11 @@ class Identity:
         return [MakeKey(self.slot)]
 
     def _claim(self, event):
-        return self._begin(OP_CLAIM)
+        if event.now_ms < self.retry_at_ms:
+            return []
+        actions = self._begin(OP_CLAIM)
+        actions[-1].reuse = True  # the cloud may have certified this key already (a lost answer)
+        return actions
 
     def _key_made(self, event):
         if event.name != self.slot or not isinstance(event.csr, bytes) or not 0 < len(event.csr) <= CSR_BYTES_MAX:
@@ -377,9 +389,10 @@ class Identity:
                 UseIdentity(self.slot, answer.cert)]
 
     def _learn_time(self, now_ms, cloud_ms):
+        """A fresh answer to our own request sets our idea of cloud time,
+        also downwards: one wrong clock in the cloud must not stay forever."""
         self.record["off"] = cloud_ms - now_ms
-        if cloud_ms > self.record.get("t", 0):
-            self.record["t"] = cloud_ms
+        self.record["t"] = cloud_ms
 
     def _proven(self, event):
         old = self.record.get("a")
@@ -395,44 +408,73 @@ class Identity:
         return actions + self._enrolled_connected(event)
 
     def _disproven(self, event):
+        self.refusals += 1
+        if event.reason not in DEFINITE_REFUSALS and self.refusals < self.config.refusals_to_recover:
+            # Maybe only the network: try the same certificate again.
+            return [Log("candidate_refused", event.reason), UseIdentity(self.slot_of_candidate(),
+                                                                        self.record["c"]["cert"])]
+        self.refusals = 0
         self.record["c"] = None
         actions = [WriteAtomic(RECORD_FILE, encode_record(self.record)),
                    Log("candidate_refused", event.reason)]
         self.purpose = None
         if self.record.get("a") is None:
             self.state = UNENROLLED
+            self.retry_at_ms = self.now_ms + self.backoff.next_delay_ms()
             return actions
         self.state = ENROLLED
         self.retry_at_ms = self.now_ms + self.backoff.next_delay_ms()  # rotation tried again then
         return actions + [UseIdentity(self.record["a"]["k"], self.record["a"]["cert"])]
 
+    def slot_of_candidate(self):
+        return self.record["c"]["k"]
+
     def _enrolled_connected(self, event):
         self.refusals = 0
-        unconfirmed = self.record.get("u")
-        if unconfirmed is None:
-            return []
-        topic = device_topics(self.identity)[0]
-        return [Publish(topic, request(OP_CONFIRM, self._nonce(), fingerprint=unconfirmed),
-                        ("confirm", unconfirmed))]
+        return self._send_confirm()
 
-    def _confirm_acked(self, event):
-        token = event.token
-        if not (isinstance(token, tuple) and token[0] == "confirm" and token[1] == self.record.get("u")):
+    def _send_confirm(self):
+        """Tell the cloud the certificate in use works, until it answers (a
+        PUBACK only says the broker has it): then it retires the others."""
+        unconfirmed = self.record.get("u")
+        if unconfirmed is None or not self.online:
             return []
+        self.confirm_nonce = self._nonce()
+        self.confirm_ms = self.now_ms
+        topic = device_topics(self.identity)[0]
+        return [Publish(topic, request(OP_CONFIRM, self.confirm_nonce, fingerprint=unconfirmed), None)]
+
+    def _confirm_answer(self, event):
+        if self.confirm_nonce is None:
+            return []
+        try:
+            answer = parse_answer(event.payload, self.confirm_nonce)
+        except EnrollError as e:
+            return [Log(e.code, e.message)]
+        self.confirm_nonce = None
         self.record["u"] = None
-        return [WriteAtomic(RECORD_FILE, encode_record(self.record))]
+        why = "" if answer.status == CONFIRMED else " (%s: %s)" % (answer.status, answer.reason)
+        return [WriteAtomic(RECORD_FILE, encode_record(self.record)), Log("confirmed", self.identity + why)]
 
     def _enrolled_tick(self, event):
         now = self.cloud_ms(event.now_ms)
+        if self.confirm_nonce is not None and event.now_ms - self.confirm_ms > self.config.answer_timeout_ms:
+            return self._send_confirm()
+        if event.now_ms < self.retry_at_ms:
+            return []
         if now >= self.record["a"]["exp"]:
+            self.retry_at_ms = event.now_ms + self.backoff.next_delay_ms()
             return self._begin(OP_RECOVER)
-        if now >= self.rotate_at_ms() and self.online and event.now_ms >= self.retry_at_ms:
+        if now >= self.rotate_at_ms() and self.online:
             return self._begin(OP_ROTATE)
         return []
 
     def _enrolled_refused(self, event):
         self.refusals += 1
+        if event.now_ms < self.retry_at_ms:
+            return []
         if event.reason == "cert_expired" or self.refusals >= self.config.refusals_to_recover:
+            self.retry_at_ms = event.now_ms + self.backoff.next_delay_ms()
             self.refusals = 0
             return [Log("identity_refused", event.reason)] + self._begin(OP_RECOVER)
         return []

@@ -82,19 +82,9 @@ def acl_text(extra=(), denied=(), quarantined=()):
         "# tether ACL: identity = certificate CN = MQTT username (%u)\n"
         "pattern write t/%u/telemetry\n"
         "pattern read t/%u/cmd\n"
-        "# enrollment (docs/identity.md): rotation on the device's own topics;\n"
-        "# a claim certificate (provisioning listener, client id = hardware id)\n"
-        "# only on prov/<claim>/<hwid>/. A client id with / or wildcards only\n"
-        "# makes topics nobody subscribes to.\n"
-        "pattern write prov/%u/%c/req\n"
-        "pattern read prov/%u/%c/resp\n"
         "\n"
         "user " + INGEST_IDENTITY + "\n"
         "topic read t/#\n"
-        "\n"
-        "user " + CLAIMS_IDENTITY + "\n"
-        "topic read prov/+/+/req\n"
-        "topic write prov/+/+/resp\n"
     ) + _service_acl()
     text += "".join(line + "\n" for line in extra)
     for identity in set(denied) | set(quarantined):
@@ -126,7 +116,7 @@ def config_text(data_dir, host, port, ca_path, cert_path, key_path,
                 max_queued_messages=MAX_QUEUED_MESSAGES,
                 max_inflight_messages=MAX_INFLIGHT_MESSAGES,
                 autosave_interval_s=AUTOSAVE_INTERVAL_S,
-                client_id_from_identity=True, crl_path=None, prov_port=None, claim_ca_path=None):
+                client_id_from_identity=True, crl_path=None):
     lines = [
         "# written by cloud/mosquitto.py; edits are overwritten",
         "per_listener_settings false",
@@ -166,21 +156,65 @@ def config_text(data_dir, host, port, ca_path, cert_path, key_path,
         lines.append("use_username_as_clientid true")
     if crl_path is not None:
         lines.append("crlfile %s" % crl_path)  # reread on SIGHUP (reload())
-    if prov_port is not None:
-        # The provisioning endpoint: only the claim CA is trusted here, and
-        # the client id stays the device's (its hardware id), because one
-        # claim certificate is shared by a whole batch.
-        lines += [
-            "",
-            "listener %d %s" % (prov_port, host),
-            "cafile %s" % claim_ca_path,
-            "certfile %s" % cert_path,
-            "keyfile %s" % key_path,
-            "require_certificate true",
-            "use_identity_as_username true",
-            "tls_version tlsv1.2",
-        ]
     return "\n".join(lines) + "\n"
+
+
+def prov_config_text(data_dir, host, port, claim_ca_path, cert_path, key_path):
+    """The provisioning endpoint as its own mosquitto process. Its own,
+    because Mosquitto keeps one client-id namespace per process: a claim
+    certificate (shared by a whole batch, so the client id cannot be the
+    certificate's name) on a listener of the main broker could take any
+    client id there, a device's or the ingest's, and end that session.
+    Here only claim-CA certificates are trusted and only prov/ topics exist."""
+    lines = [
+        "# written by cloud/mosquitto.py; edits are overwritten",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        "acl_file %s" % os.path.join(data_dir, ACL_FILE),
+        "persistence false",
+        "max_packet_size %d" % PACKET_MAX_BYTES,
+        "log_dest file %s" % os.path.join(data_dir, LOG_FILE),
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "connection_messages true",
+        "log_timestamp true",
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    lines += [
+        "",
+        "listener %d %s" % (port, host),
+        "cafile %s" % claim_ca_path,
+        "certfile %s" % cert_path,
+        "keyfile %s" % key_path,
+        "require_certificate true",
+        "use_identity_as_username true",
+        "tls_version tlsv1.2",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+PROV_ACL = (
+    "# provisioning endpoint: a claim certificate (client id = hardware id)\n"
+    "# only on prov/<claim>/<hwid>/. A client id with / only makes topics\n"
+    "# nobody subscribes to; + and # are refused by Mosquitto.\n"
+    "pattern write prov/%u/%c/req\n"
+    "pattern read prov/%u/%c/resp\n"
+    "\n"
+    "user " + CLAIMS_IDENTITY + "\n"
+    "topic read prov/+/+/req\n"
+    "topic write prov/+/+/resp\n"
+)
+
+
+def write_prov_config(data_dir, host, port, claim_ca_path, cert_path, key_path):
+    data_dir = os.path.abspath(data_dir)
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    with open(os.path.join(data_dir, ACL_FILE), "w") as f:
+        f.write(PROV_ACL)
+    with open(os.path.join(data_dir, CONF_FILE), "w") as f:
+        f.write(prov_config_text(data_dir, host, port, claim_ca_path, cert_path, key_path))
 
 
 def write_acl(data_dir, extra=(), denied=(), quarantined=()):

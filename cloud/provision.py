@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS allowlist (
     actor TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS enrollments (
     hwid TEXT PRIMARY KEY, identity TEXT NOT NULL, state TEXT NOT NULL,
-    requested_ms INTEGER NOT NULL, approved_by TEXT, approved_ms INTEGER, caps TEXT);
+    requested_ms INTEGER NOT NULL, approved_by TEXT, approved_ms INTEGER, caps TEXT,
+    key_sha256 TEXT);
 CREATE TABLE IF NOT EXISTS device_certs (
     fingerprint TEXT PRIMARY KEY, identity TEXT NOT NULL, serial TEXT NOT NULL,
     key_sha256 TEXT NOT NULL, issued_ms INTEGER NOT NULL, not_after_ms INTEGER NOT NULL,
@@ -62,6 +63,8 @@ CERT_S_DEFAULT = 30 * 86400    # short-lived: rotated at two thirds, so every 20
 PENDING_RETRY_MS = 5000
 REFUSED_RETRY_MS = 60_000
 REQUEST_BYTES_MAX = 8192
+REFUSAL_WINDOW_MS = 60_000     # one audit row per (who, reason) a minute, with a count of the rest
+REFUSAL_KEYS_MAX = 10_000
 HWID_LEN_MAX = 64
 SITE_LEN_MAX = 64
 
@@ -102,6 +105,9 @@ class Provisioning:
         self.cert_s = cert_s
         self.db = registry._db
         self.db.executescript(_SCHEMA)
+        self._refusals = {}  # (who, hwid, reason) -> [window start ms, refusals not audited]
+        if "key_sha256" not in [r[1] for r in self.db.execute("PRAGMA table_info(enrollments)")]:
+            self.db.execute("ALTER TABLE enrollments ADD COLUMN key_sha256 TEXT")
 
     # -- operator side ----------------------------------------------------------
 
@@ -162,9 +168,12 @@ class Provisioning:
         return self.registry._atomic(op)
 
     def pending(self):
-        return [dict(zip(("hwid", "identity", "requested_ms"), row)) for row in self.db.execute(
-            "SELECT hwid, identity, requested_ms FROM enrollments WHERE state = ? ORDER BY requested_ms",
-            (PENDING,))]
+        """Enrollments waiting for an operator, with the SHA-256 of the key
+        that asked: approval is for that key only, so check it against the
+        device (its console or label shows the same fingerprint)."""
+        return [dict(zip(("hwid", "identity", "requested_ms", "key_sha256"), row)) for row in self.db.execute(
+            "SELECT hwid, identity, requested_ms, key_sha256 FROM enrollments WHERE state = ?"
+            " ORDER BY requested_ms", (PENDING,))]
 
     def claim_usage(self, batch):
         row = self.db.execute("SELECT quota, used, revoked FROM claims WHERE batch = ?", (batch,)).fetchone()
@@ -186,13 +195,17 @@ class Provisioning:
     def on_claim(self, claim_identity, hwid, payload):
         """A request on prov/<claim>/<hwid>/req -> answer bytes, or None when
         the request carries no usable nonce to answer to."""
+        try:
+            _check_hwid(hwid)
+        except Refusal:
+            self._refused(claim_identity, "bad_hwid", "")  # never echo an unchecked client id
+            return None
         msg, nonce = _parse(payload)
         if nonce is None:
             self._refused(claim_identity, "request without a nonce", hwid)
             return None
         try:
             batch = claim_batch(claim_identity)
-            _check_hwid(hwid)
             if msg.get("hwid") != hwid:
                 raise Refusal("hwid_mismatch")
             op = msg.get("op")
@@ -215,7 +228,7 @@ class Provisioning:
             op = msg.get("op")
             if op == enroll.OP_CONFIRM:
                 self._confirm(identity, msg.get("fp"))
-                return None
+                return self._answer(nonce, ("confirmed",))
             if op == enroll.OP_ROTATE:
                 return self._answer(nonce, self._rotate(identity, msg))
             raise Refusal("bad_op")
@@ -239,10 +252,16 @@ class Provisioning:
             if again is None:
                 raise Refusal("already_enrolled")  # a new key needs the recovery proof
             return ("issued", identity, bytes(again[0]), again[1], again[2])
-        if approval and (row is None or row[0] != APPROVED):
-            if row is None:
-                self._record_pending(hwid, identity, msg)
-            return ("pending", identity)
+        if approval:
+            approved = self.db.execute("SELECT state, key_sha256 FROM enrollments WHERE hwid = ?",
+                                       (hwid,)).fetchone()
+            if approved is None:
+                self._record_pending(hwid, identity, msg, key_hash)
+                return ("pending", identity)
+            if approved[1] != key_hash:
+                raise Refusal("not_the_key_that_asked")  # approval is for one key, not the hardware id
+            if approved[0] != APPROVED:
+                return ("pending", identity)
         usage = self.claim_usage(batch)
         if usage["used"] >= usage["quota"]:
             raise Refusal("quota_exhausted")
@@ -274,8 +293,14 @@ class Provisioning:
             old.public_key().verify(der_sig, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
         except Exception:
             raise Refusal("bad_proof") from None
+        key_hash = key_sha256(public_key)
+        again = self.db.execute(
+            "SELECT der, issued_ms, not_after_ms FROM device_certs WHERE identity = ? AND key_sha256 = ?",
+            (identity, key_hash)).fetchone()
+        if again is not None:  # a retry (or a replay): the same certificate, not a new one
+            return ("issued", identity, bytes(again[0]), again[1], again[2])
         entry = self._allowed(batch, hwid)
-        return self._issue(identity, public_key, key_sha256(public_key), entry[4], "recover", hwid=hwid)
+        return self._issue(identity, public_key, key_hash, entry[4], "recover", hwid=hwid)
 
     def _rotate(self, identity, msg):
         self._not_revoked(identity)
@@ -303,11 +328,16 @@ class Provisioning:
 
         def op():
             self.db.execute("UPDATE device_certs SET state = ? WHERE fingerprint = ?", (CERT_ACTIVE, fp_hex))
-            olds = self.db.execute("SELECT fingerprint, serial FROM device_certs WHERE identity = ?"
-                                   " AND fingerprint != ? AND state != ?",
-                                   (identity, fp_hex, CERT_RETIRED)).fetchall()
-            for old_fp, serial in olds:
-                self.db.execute("UPDATE device_certs SET state = ? WHERE fingerprint = ?", (CERT_RETIRED, old_fp))
+            serial_in_use = self.db.execute("SELECT serial FROM device_certs WHERE fingerprint = ?",
+                                            (fp_hex,)).fetchone()[0]
+            self.db.execute("UPDATE device_certs SET state = ? WHERE identity = ? AND fingerprint != ?",
+                            (CERT_RETIRED, identity, fp_hex))
+            # Every other certificate the cloud issued to this identity, by
+            # any route (fleet credentials, takeover kicks, earlier rotations).
+            olds = self.db.execute("SELECT serial FROM certificates WHERE identity = ? AND serial != ?"
+                                   " AND serial NOT IN (SELECT serial FROM retired_certs)",
+                                   (identity, serial_in_use)).fetchall()
+            for (serial,) in olds:
                 self.db.execute("INSERT OR IGNORE INTO retired_certs VALUES (?, ?, ?, ?)",
                                 (serial, identity, "superseded by %s" % row[2], self.clock_ms()))
             if row[1] != CERT_ACTIVE:
@@ -336,13 +366,13 @@ class Provisioning:
         if identity in self.registry.revoked():
             raise Refusal("revoked")
 
-    def _record_pending(self, hwid, identity, msg):
+    def _record_pending(self, hwid, identity, msg, key_hash):
         def op():
-            self.db.execute("INSERT OR IGNORE INTO enrollments (hwid, identity, state, requested_ms, caps)"
-                            " VALUES (?, ?, ?, ?, ?)",
-                            (hwid, identity, PENDING, self.clock_ms(), _caps_text(msg.get("caps"))))
+            self.db.execute("INSERT OR IGNORE INTO enrollments (hwid, identity, state, requested_ms, caps,"
+                            " key_sha256) VALUES (?, ?, ?, ?, ?, ?)",
+                            (hwid, identity, PENDING, self.clock_ms(), _caps_text(msg.get("caps")), key_hash))
             self.registry.audit(SYSTEM, "enroll_pending", identity, "approval required",
-                                "hwid %s waits for an operator" % hwid)
+                                "hwid %s waits for an operator; key sha256 %s" % (hwid, key_hash[:16]))
         self.registry._atomic(op)
 
     def _issue(self, identity, public_key, key_hash, cert_s, how, hwid=None, batch=None, site=None, caps=None):
@@ -355,15 +385,30 @@ class Provisioning:
         not_after_ms = issued_ms + lifetime_s * 1000
 
         def op():
+            if how == "claim":
+                cur = self.db.execute("UPDATE claims SET used = used + 1 WHERE batch = ? AND used < quota",
+                                      (batch,))
+                if not cur.rowcount:
+                    raise Refusal("quota_exhausted")
+            else:
+                # A new request means an earlier unproven certificate was
+                # abandoned (its answer lost): it is retired, so unproven
+                # certificates stay one per identity.
+                for (old_fp, serial) in self.db.execute(
+                        "SELECT fingerprint, serial FROM device_certs WHERE identity = ? AND state = ?",
+                        (identity, CERT_ISSUED)).fetchall():
+                    self.db.execute("UPDATE device_certs SET state = ? WHERE fingerprint = ?",
+                                    (CERT_RETIRED, old_fp))
+                    self.db.execute("INSERT OR IGNORE INTO retired_certs VALUES (?, ?, ?, ?)",
+                                    (serial, identity, "abandoned before it was proven", self.clock_ms()))
             self.db.execute("INSERT INTO device_certs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (_fingerprint(cert), identity, format(cert.serial_number, "x"), key_hash,
                              issued_ms, not_after_ms, how, CERT_ISSUED, der))
             self.registry.issued(identity, cert.serial_number, purpose=how)
             if how == "claim":
-                self.db.execute("INSERT INTO enrollments (hwid, identity, state, requested_ms, caps)"
-                                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (hwid) DO UPDATE SET state = ?",
-                                (hwid, identity, ISSUED, issued_ms, _caps_text(caps), ISSUED))
-                self.db.execute("UPDATE claims SET used = used + 1 WHERE batch = ?", (batch,))
+                self.db.execute("INSERT INTO enrollments (hwid, identity, state, requested_ms, caps, key_sha256)"
+                                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hwid) DO UPDATE SET state = ?",
+                                (hwid, identity, ISSUED, issued_ms, _caps_text(caps), key_hash, ISSUED))
             self.registry.audit(SYSTEM, {"claim": "provision", "rotate": "rotate_issued",
                                          "recover": "recover_issued"}[how], identity,
                                 "enrolled by claim" if how == "claim" else
@@ -377,6 +422,8 @@ class Provisioning:
 
     def _answer(self, nonce, outcome):
         msg = {"v": enroll.VERSION, "nonce": nonce, "now_ms": self.clock_ms(), "status": outcome[0]}
+        if outcome[0] == "confirmed":
+            return cbor.dumps(msg)
         if outcome[0] == "issued":
             _, identity, der, issued_ms, not_after_ms = outcome
             msg.update(cert=der, identity=identity, issued_ms=issued_ms, not_after_ms=not_after_ms)
@@ -392,7 +439,24 @@ class Provisioning:
                            "status": "refused", "reason": reason, "retry_ms": retry_ms})
 
     def _refused(self, who, reason, hwid):
-        self.registry.audit(SYSTEM, "enroll_refused", who, reason, "hwid %s" % hwid if hwid else "")
+        """Audited, but at most one row per (who, hwid, reason) a minute,
+        carrying how many more came: a claim certificate's holder cannot grow
+        the trail (or stall the service on disk writes) by sending garbage."""
+        now = self.clock_ms()
+        key = (who, hwid, reason)
+        window = self._refusals.get(key)
+        if window is not None and now - window[0] < REFUSAL_WINDOW_MS:
+            window[1] += 1
+            return
+        more = window[1] if window is not None else 0
+        self._refusals.pop(key, None)
+        self._refusals[key] = [now, 0]
+        if len(self._refusals) > REFUSAL_KEYS_MAX:
+            self._refusals.pop(next(iter(self._refusals)))
+        detail = "hwid %s" % hwid if hwid else ""
+        if more:
+            detail += "%s%d more in the minute before" % ("; " if detail else "", more)
+        self.registry.audit(SYSTEM, "enroll_refused", who, reason, detail)
 
 
 def _parse(payload):

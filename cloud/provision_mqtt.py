@@ -34,12 +34,12 @@ class ProvisionError(CloudError):
 
 
 class _Client:
-    def __init__(self, name, host, port, cafile, cert, key, topic, handler):
+    def __init__(self, name, host, port, cafile, cert, key, topic, handler, client_id=None):
         self.name = name
         self.topic = topic
         self.handler = handler
         self.subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name,
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or name,
                                   clean_session=True, protocol=mqtt.MQTTv311)
         self.client.tls_set(ca_certs=cafile, certfile=cert, keyfile=key,
                             cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -75,7 +75,7 @@ class _Client:
 
 class ProvisionService:
     def __init__(self, db_path, ca, host, device_port, prov_port, cafile,
-                 device_cred, claim_cred, cert_s=None):
+                 device_cred, claim_cred, cert_s=None, claims_client_id=None):
         self.registry = Registry(db_path)
         kwargs = {} if cert_s is None else {"cert_s": cert_s}
         self.prov = Provisioning(self.registry, ca, **kwargs)
@@ -84,7 +84,7 @@ class ProvisionService:
         self.clients = [
             # Both listeners present the broker's certificate from the device CA.
             _Client(CLAIMS_IDENTITY, host, prov_port, cafile, claim_cred[0], claim_cred[1],
-                    "prov/+/+/req", self._claim),
+                    "prov/+/+/req", self._claim, client_id=claims_client_id),
             _Client(PROVISIONER_IDENTITY, host, device_port, cafile, device_cred[0], device_cred[1],
                     "t/+/+/enroll", self._device),
         ]

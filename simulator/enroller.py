@@ -36,7 +36,8 @@ class IdentityBoard:
             action = todo.pop(0)
             follow = None
             if isinstance(action, MakeKey):
-                self.keystore.generate(action.name)
+                if not (action.reuse and self.keystore.public_key(action.name) is not None):
+                    self.keystore.generate(action.name)
                 follow = core.handle(KeyMade(action.name, self.keystore.csr_der(action.name, CSR_SUBJECT)))
             elif isinstance(action, Sign):
                 follow = core.handle(Signed(action.name, self.keystore.sign(action.name, action.digest)))
@@ -159,6 +160,8 @@ class Enroller:
         except (OSError, asyncio.TimeoutError, EOFError) as e:
             await self._close()
             if use.name is not None and isinstance(e, (ConnectionResetError, EOFError)):
+                # TLS 1.3 tells a refused client certificate only by closing;
+                # the core counts it, but does not take it as definite.
                 return self.feed(Refused(self.clock_ms(), "closed"))
             return self.feed(ConnectionLost(self.clock_ms(), str(e)))
         if not packets or not isinstance(packets[0], mqtt.ConnAck) or packets[0].return_code != 0:

@@ -274,10 +274,16 @@ def test_the_cloud_answers_hostile_requests_with_a_refusal_never_a_crash(cloud, 
     assert cloud.prov.claim_usage(BATCH)["used"] <= 1
 
 
-def test_oversized_and_non_cbor_requests_get_no_answer_and_are_audited(cloud):
+def test_oversized_and_non_cbor_requests_get_no_answer_and_are_audited_without_flooding(cloud):
     assert cloud.prov.on_claim(CLAIM, "hw-1", b"\xa1" * 9000) is None
+    for _ in range(50):
+        assert cloud.prov.on_claim(CLAIM, "hw-1", b"not cbor") is None
+    rows = cloud.registry.audit_rows(action="enroll_refused")
+    assert len(rows) == 1  # one row a minute per (sender, reason)...
+    cloud.clock.advance(61_000)
     assert cloud.prov.on_claim(CLAIM, "hw-1", b"not cbor") is None
-    assert len(cloud.registry.audit_rows(action="enroll_refused")) == 2
+    rows = cloud.registry.audit_rows(action="enroll_refused")
+    assert len(rows) == 2 and "50 more" in rows[-1]["detail"]  # ...which says how many it stood for
 
 
 def test_the_machine_refuses_an_unexpected_event_and_stays_refusing():
@@ -299,7 +305,7 @@ def test_a_torn_or_foreign_identity_record_means_enroll_again():
 
 SCENARIO = r"""
 from agent import enroll, cbor
-from agent.events import Tick, KeyMade, Connected, Message, PubAcked
+from agent.events import Tick, KeyMade, Connected, Message
 class R:
     def __init__(s): s.x = 12345
     def randint(s, a, b):
@@ -320,7 +326,8 @@ ans = cbor.dumps({"v": 1, "nonce": core.nonce, "status": "issued", "now_ms": 500
                   "identity": "acme/dev-1", "issued_ms": 50000, "not_after_ms": 650000})
 note(core.handle(Message(1200, "prov/b1/hw-1/resp", ans)))
 note(core.handle(Connected(1300)))
-note(core.handle(PubAcked(("confirm", enroll.fingerprint(b"CERT")))))
+note(core.handle(Message(1400, "t/acme/dev-1/cert", cbor.dumps({"v": 1, "nonce": core.confirm_nonce,
+                                                                 "status": "confirmed", "now_ms": 50200}))))
 note(core.handle(Tick(450000)))
 print(cbor.dumps(out).hex())
 print(core.state, core.identity)
