@@ -37,9 +37,10 @@ def add_parser(csub):
                    help="hold each enrollment for an operator's approval (critical fleets)")
     a.add_argument("--cert-seconds", type=int, help="certificate lifetime for these devices (default 30 days)")
     _common(a, reason_default="allowlisted")
-    p = csub.add_parser("approve", help="approve a pending enrollment (two people: requester is the device)",
-                        description="Approve the enrollment a device asked for and is waiting on. Recorded "
-                        "with who and why; the device is enrolled on its next try.")
+    p = csub.add_parser("approve", help="approve a pending enrollment",
+                        description="Approve the enrollment a device asked for and is waiting on, for the key "
+                        "it asked with (compare the fingerprint `tether cloud enrollments` shows with the "
+                        "device's). Recorded with who and why; the device is enrolled on its next try.")
     p.add_argument("hwid")
     _common(p, reason_default=None)
     e = csub.add_parser("enrollments", help="pending enrollments and claim batch usage")
@@ -130,6 +131,7 @@ def _enrollments(args, prov, actor):
         print("batch %-16s %d of %d used%s" % (b["batch"], b["used"], b["quota"], " REVOKED" if b["revoked"] else ""))
     for p in pending:
         when = datetime.datetime.fromtimestamp(p["requested_ms"] / 1000, datetime.timezone.utc)
-        print("pending  %-20s %-28s since %s" % (p["hwid"], p["identity"], when.strftime("%Y-%m-%dT%H:%M:%SZ")))
+        print("pending  %-20s %-28s since %s  key sha256 %s" % (
+            p["hwid"], p["identity"], when.strftime("%Y-%m-%dT%H:%M:%SZ"), (p["key_sha256"] or "?")[:16]))
     print("provisioned %(provisioned)d, rotated %(rotated)d, recovered %(recovered)d" % prov.counts())
     return 0
