@@ -63,6 +63,11 @@ CERT_S_DEFAULT = 30 * 86400    # short-lived: rotated at two thirds, so every 20
 PENDING_RETRY_MS = 5000
 REFUSED_RETRY_MS = 60_000
 REQUEST_BYTES_MAX = 8192
+# Requests per sender: a hardware id (or device) may ask about once a second
+# with a burst of 10; a whole claim batch 100/s with a burst of 1,000.
+SENDER_RATE_PER_S, SENDER_BURST = 1.0, 10
+BATCH_RATE_PER_S, BATCH_BURST = 100.0, 1000
+RATE_LIMITED_RETRY_MS = 10_000
 REFUSAL_WINDOW_MS = 60_000     # one audit row per (who, reason) a minute, with a count of the rest
 REFUSAL_KEYS_MAX = 10_000
 HWID_LEN_MAX = 64
@@ -106,6 +111,9 @@ class Provisioning:
         self.db = registry._db
         self.db.executescript(_SCHEMA)
         self._refusals = {}  # (who, hwid, reason) -> [window start ms, refusals not audited]
+        from cloud.limits import TokenBuckets
+        self._senders = TokenBuckets(SENDER_RATE_PER_S, SENDER_BURST, 100_000)
+        self._batches = TokenBuckets(BATCH_RATE_PER_S, BATCH_BURST, 10_000)
         if "key_sha256" not in [r[1] for r in self.db.execute("PRAGMA table_info(enrollments)")]:
             self.db.execute("ALTER TABLE enrollments ADD COLUMN key_sha256 TEXT")
 
@@ -205,6 +213,7 @@ class Provisioning:
             self._refused(claim_identity, "request without a nonce", hwid)
             return None
         try:
+            self._rate(("claim", claim_identity, hwid), claim_identity)
             batch = claim_batch(claim_identity)
             if msg.get("hwid") != hwid:
                 raise Refusal("hwid_mismatch")
@@ -225,6 +234,7 @@ class Provisioning:
             return None
         try:
             parse_identity(identity)
+            self._rate(("device", identity), None)
             op = msg.get("op")
             if op == enroll.OP_CONFIRM:
                 self._confirm(identity, msg.get("fp"))
@@ -347,6 +357,16 @@ class Provisioning:
         self.registry._atomic(op)
 
     # -- helpers ------------------------------------------------------------------
+
+    def _rate(self, sender, batch):
+        """Refuse (before any CA or disk work) a sender over its rate."""
+        now = self.clock_ms()
+        if self._senders.tokens(sender, now) < 1 or \
+                (batch is not None and self._batches.tokens(batch, now) < 1):
+            raise Refusal("rate_limited", RATE_LIMITED_RETRY_MS)
+        self._senders.spend(sender)
+        if batch is not None:
+            self._batches.spend(batch)
 
     def _allowed(self, batch, hwid):
         claim = self.claim_usage(batch)

@@ -286,6 +286,28 @@ def test_oversized_and_non_cbor_requests_get_no_answer_and_are_audited_without_f
     assert len(rows) == 2 and "50 more" in rows[-1]["detail"]  # ...which says how many it stood for
 
 
+def test_a_sender_over_its_rate_is_refused_before_any_certificate_is_made(cloud):
+    from board.keystore import MemoryKeystore
+    for i in range(30):
+        cloud.allow("hw-%d" % i, "dev-%d" % i)
+    ks = MemoryKeystore()
+    reasons = []
+    for i in range(30):  # one hardware id asking 30 times in the same instant, each with a new key
+        ks.generate("k%d" % i)
+        nonce = b"%08d" % i
+        answer = enroll.parse_answer(cloud.prov.on_claim(CLAIM, "hw-0", enroll.request(
+            enroll.OP_CLAIM, nonce, csr=ks.csr_der("k%d" % i, "x"), hwid="hw-0")), nonce)
+        reasons.append(answer.reason if answer.status == "refused" else answer.status)
+    assert reasons[0] == "issued" and reasons.count("rate_limited") == 20  # a burst of 10, then refused
+    certs = cloud.registry._db.execute("SELECT COUNT(*) FROM device_certs").fetchone()[0]
+    assert certs == 1
+    cloud.clock.advance(5000)  # tokens come back at one a second
+    ks.generate("late")
+    answer = enroll.parse_answer(cloud.prov.on_claim(CLAIM, "hw-0", enroll.request(
+        enroll.OP_CLAIM, b"later-01", csr=ks.csr_der("late", "x"), hwid="hw-0")), b"later-01")
+    assert answer.reason == "already_enrolled"  # judged again, not rate limited
+
+
 def test_the_machine_refuses_an_unexpected_event_and_stays_refusing():
     core = enroll.Identity(enroll.Config("hw-1", BATCH), SimRng(1))
     with pytest.raises(LocalError):
