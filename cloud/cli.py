@@ -43,7 +43,9 @@ def build_parser():
                         "survives restarts.")
     s.add_argument("--data", default="tether-cloud", help="data directory (default ./tether-cloud)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8883)
+    s.add_argument("--port", type=int, default=8883, help="device endpoint (default 8883)")
+    s.add_argument("--prov-port", type=int, default=8884,
+                   help="provisioning endpoint for claim certificates (default 8884)")
     s.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
     s.add_argument("--issue", type=int, default=0, metavar="N",
                    help="issue credentials for N devices into DATA/devices before serving")
@@ -99,6 +101,16 @@ def build_parser():
     run.add_argument("--creds", help="directory of issued device credentials (TENANT/DEVICE.pem + .key)")
     run.add_argument("--mint-ca", nargs=2, metavar=("CA_CERT", "CA_KEY"),
                      help="mint device credentials from this CA instead")
+    run.add_argument("--claim", nargs=2, metavar=("CERT", "KEY"),
+                     help="enroll every device by claim with this batch claim certificate first (each makes "
+                     "its own key); hardware ids HWID_PREFIX00000.. must be allowlisted for the batch")
+    run.add_argument("--prov-url", help="the provisioning endpoint, mqtts://HOST:PORT (default: the broker's "
+                     "host, port 8884)")
+    run.add_argument("--hwid-prefix", default="sim-hw-",
+                     help="hardware ids are PREFIX00000, PREFIX00001, ... (each enrolls once per cloud: a "
+                     "second run against the same cloud needs another prefix on the allowlist)")
+    run.add_argument("--enroll-timeout", type=float, default=60.0,
+                     help="seconds a device may take to enroll by claim (default 60)")
     run.add_argument("--devices", type=int, default=100)
     run.add_argument("--tenants", type=int, default=2)
     run.add_argument("--duration", type=float, default=30.0)

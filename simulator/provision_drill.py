@@ -40,12 +40,30 @@ class Provisioned:
         self.context = enroller.board.keystore.client_context(active["k"], active["cert"], cafile)
 
 
-def _core(hwid, seed):
+def _core(hwid, seed, claim=CLAIM):
     flash = SimFlash()
     keystore = FlashKeystore(flash)
-    core = enroll.Identity(enroll.Config(hwid, CLAIM, keystore.capabilities, answer_timeout_ms=5000,
+    core = enroll.Identity(enroll.Config(hwid, claim, keystore.capabilities, answer_timeout_ms=5000,
                                          backoff_base_ms=500, backoff_cap_ms=5000), SimRng(seed))
     return core, IdentityBoard(flash, keystore)
+
+
+async def enroll_many(endpoints, claim_files, claim_identity, hwids, seed, timeout_s=60):
+    """Each hardware id enrolls by claim (the real identity core on a sim
+    board, over mTLS), CONCURRENCY at a time -> (enrolled, failed) Enrollers."""
+    gate = asyncio.Semaphore(CONCURRENCY)
+    enrolled, failed = [], []
+
+    async def one(i, hwid):
+        core, board = _core(hwid, seed * 1_000_003 + i, claim_identity)
+        enroller = Enroller(core, board, endpoints, claim_files, clock_ms, hwid)
+        async with gate:
+            ok = await enroller.run(timeout_s=timeout_s)
+        (enrolled if ok else failed).append(enroller)
+        return enroller if ok else None
+
+    done = await asyncio.gather(*(one(i, h) for i, h in enumerate(hwids)))
+    return [e for e in done if e is not None], failed
 
 
 class ProvisionDrill:
@@ -90,24 +108,14 @@ class ProvisionDrill:
         t0 = time.monotonic()
         self.allow_all()
         operator = asyncio.ensure_future(self._operator())
-        gate = asyncio.Semaphore(CONCURRENCY)
-        endpoints = self.cloud.endpoints()
-
-        async def one(i):
-            core, board = _core(self.hwid(i), self.seed * 1_000_003 + i)
-            enroller = Enroller(core, board, endpoints, self.claim, clock_ms, self.hwid(i))
-            async with gate:
-                ok = await enroller.run(timeout_s=timeout_s)
-            (self.enrolled if ok else self.failed).append(enroller)
-            return enroller if ok else None
-
         try:
-            done = await asyncio.gather(*(one(i) for i in range(self.count)))
+            self.enrolled, self.failed = await enroll_many(
+                self.cloud.endpoints(), self.claim, CLAIM, [self.hwid(i) for i in range(self.count)],
+                self.seed, timeout_s)
         finally:
             operator.cancel()
         self.seconds = time.monotonic() - t0
-        order = [e for e in done if e is not None]
-        return [Provisioned(e, self.cloud.ca_path) for e in order]
+        return [Provisioned(e, self.cloud.ca_path) for e in self.enrolled]
 
     # -- attacks on the claim path -----------------------------------------------
 

@@ -94,18 +94,45 @@ def device_side_summary(fleet, duration_s, drained):
             "checks": [c.as_dict() for c in checks]}
 
 
+async def enroll_by_claim(args, host, port):
+    """Every device enrolls by claim on the provisioning endpoint first (its
+    hardware ids must be on the cloud's allowlist for the claim's batch)."""
+    from cloud.ca import identity_of
+    from simulator.provision_drill import Provisioned, enroll_many
+    cert, key = args.claim
+    with open(cert, "rb") as f:
+        claim_identity = identity_of(f.read())
+    prov_host, prov_port = parse_broker_url(args.prov_url) if args.prov_url else (host, 8884)
+    if prov_host != host:
+        raise UsageError("the provisioning endpoint must be on the broker's host")
+    endpoints = {"host": host, "device_port": port, "prov_port": prov_port, "cafile": args.ca_bundle,
+                 "server_name": args.server_name}
+    hwids = ["%s%05d" % (args.hwid_prefix, i) for i in range(args.devices)]
+    t0 = time.monotonic()
+    enrolled, failed = await enroll_many(endpoints, (cert, key), claim_identity, hwids, args.seed,
+                                         timeout_s=args.enroll_timeout)
+    if failed:
+        raise UsageError("%d of %d devices could not enroll by claim (first: %s; see `tether cloud audit`)"
+                         % (len(failed), len(hwids), failed[0].hwid))
+    print("enrolled %d devices by claim in %.1f s" % (len(enrolled), time.monotonic() - t0))
+    return [Provisioned(e, args.ca_bundle) for e in enrolled]
+
+
 async def run(args):
     host, port = parse_broker_url(args.broker_url)
     os.makedirs(args.out, exist_ok=True)
-    if args.creds:
+    if getattr(args, "claim", None):
+        creds = await enroll_by_claim(args, host, port)
+    elif args.creds:
         creds = credentials_from_dir(args.creds, args.devices)
     elif args.mint_ca:
         creds = mint_credentials(args.mint_ca[0], args.mint_ca[1], args.out, args.devices, args.tenants)
     else:
-        raise UsageError("give --creds DIR or --mint-ca CA_CERT CA_KEY")
+        raise UsageError("give --creds DIR, --mint-ca CA_CERT CA_KEY or --claim CERT KEY")
     view = live.Progress(quiet=args.quiet)
     fleet = Fleet(creds, args.ca_bundle, host, port, seed=args.seed, server_name=args.server_name,
-                  sample_interval_s=args.interval, progress=view.update, fresh_epochs=True)
+                  sample_interval_s=args.interval, progress=view.update,
+                  fresh_epochs=not getattr(args, "claim", None))
     events, marks = [], []
     if args.network_cut:
         at, length = (float(x) for x in args.network_cut.split(":"))
