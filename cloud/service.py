@@ -109,6 +109,7 @@ class Cloud:
         self.broker = None
         self.mosquitto = None
         self.mosquitto_ingest = None
+        self.mosquitto_prov = None    # the provisioning endpoint: its own process (cloud/mosquitto.py)
         self.registry = Registry(self.store_path)
         from cloud.provision import Provisioning
         self.provisioning = Provisioning(self.registry, self.ca, **({} if cert_s is None else {"cert_s": cert_s}))
@@ -223,7 +224,10 @@ class Cloud:
         self.provision_service = ProvisionService(
             self.store_path, self.ca, self.host, self.port, self.prov_port, self.ca_path,
             self._client_files(self.ca, "device", PROVISIONER_IDENTITY),
-            self._client_files(self.claim_ca, "claims", CLAIMS_IDENTITY), cert_s=self.cert_s)
+            self._client_files(self.claim_ca, "claims", CLAIMS_IDENTITY), cert_s=self.cert_s,
+            # On Mosquitto a claim certificate may pick any client id on the
+            # provisioning endpoint: the service's is not guessable there.
+            claims_client_id=None if self.kind == "embedded" else "%s-%s" % (CLAIMS_IDENTITY, os.urandom(8).hex()))
         await self.provision_service.start()
 
     async def sync_serials(self):
@@ -355,9 +359,14 @@ class Cloud:
         self.mosquitto = Mosquitto.configure(mdir, self.host, self.port, self.ca_path,
                                              self.server_cert, self.server_key, logger=log,
                                              crl_path=self.crl_path, denied=sorted(self.revoked),
-                                             quarantined=sorted(self.quarantined), prov_port=self.prov_port,
-                                             claim_ca_path=self.claim_ca.cert_path)
+                                             quarantined=sorted(self.quarantined))
         await self.mosquitto.start()
+        from cloud.mosquitto import write_prov_config
+        pdir = os.path.join(self.data_dir, "mosquitto-prov")
+        write_prov_config(pdir, self.host, self.prov_port, self.claim_ca.cert_path, self.server_cert,
+                          self.server_key)
+        self.mosquitto_prov = Mosquitto(pdir, self.host, self.prov_port, logger=log)
+        await self.mosquitto_prov.start()
         idir = os.path.join(self.data_dir, "ingest")
         os.makedirs(idir, mode=0o700, exist_ok=True)
         cert, key = os.path.join(idir, "client.crt"), os.path.join(idir, "client.key")
@@ -459,6 +468,8 @@ class Cloud:
             await self.mosquitto_ingest.stop()
         if self.mosquitto is not None:
             await self.mosquitto.stop()
+        if self.mosquitto_prov is not None:
+            await self.mosquitto_prov.stop()
         if self.ingest is not None:
             await self.ingest.close()
         if self.store is not None:
