@@ -115,6 +115,46 @@ def test_answers_to_another_nonce_and_garbage_are_ignored(cloud):
     dev.offline = False
 
 
+def test_the_private_key_appears_in_no_request_answer_log_or_audit_row(cloud, caplog):
+    import logging
+    from cryptography.hazmat.primitives.asymmetric import ec
+    caplog.set_level(logging.DEBUG)
+    cloud.allow("hw-1", "dev-1", cert_s=30)
+    dev = Device(cloud, "hw-1")
+    sent = []
+    deliver = dev._deliver
+
+    def spy(action):
+        sent.append(bytes(action.payload))
+        return deliver(action)
+    dev._deliver = spy
+    assert dev.run_until(enrolled(dev))
+    first = dev.core.record["a"]["cert"]
+    assert dev.run_until(lambda: dev.core.record["a"]["cert"] != first and enrolled(dev)())  # rotated too
+    secrets = []
+    for name in ("id0", "id1"):
+        key = dev.keystore._key(name, missing_ok=True)
+        if key is not None:
+            secrets.append(key.private_numbers().private_value.to_bytes(32, "big"))
+    assert secrets and len(sent) >= 4
+    rows = cloud.registry.audit_rows()
+    texts = [repr(r).encode() for r in rows] + [r.getMessage().encode() for r in caplog.records]
+    for secret in secrets:
+        for blob in sent + texts + [cbor.dumps(dev.core.record)]:
+            assert secret not in blob and secret.hex().encode() not in blob
+    assert isinstance(dev.keystore._key(dev.core.record["a"]["k"]), ec.EllipticCurvePrivateKey)
+
+
+def test_no_two_devices_share_a_key(cloud):
+    keys = set()
+    for i in range(10):  # the batch's quota
+        cloud.allow("hw-%d" % i, "dev-%d" % i)
+        dev = Device(cloud, "hw-%d" % i, seed=i)
+        assert dev.run_until(enrolled(dev))
+        keys.add(dev.keystore.public_key(dev.core.record["a"]["k"]))
+    assert len(keys) == 10  # the batch shares its claim certificate, never an identity key
+
+
 # -- rotation ---------------------------------------------------------------------
 
 def test_rotation_at_two_thirds_retires_the_old_certificate_once_the_new_one_works(cloud):
