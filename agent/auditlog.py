@@ -24,7 +24,7 @@
 # than RESERVE_RECORDS records of room) the console refuses new sessions
 # and closes an open one (fails closed) until the log has been uploaded and
 # rotated; past hard_full() a record is dropped and counted, never written
-# beyond the bound. (Rotation is not written yet: docs/console.md.)
+# beyond the bound. Rotation: rotate() below, on a cloud-signed checkpoint.
 #
 # What a hash chain with no device secret can and cannot show: anyone who
 # can write flash can rewrite the log from some record on with a consistent
@@ -186,6 +186,11 @@ def _tail(data, good_len, last_seq, problems):
             problems.append(["edit", last_seq + 1, "frame checksum fails; %d bytes unreadable" % rest])
             return
     problems.append(["torn_tail", last_seq + 1, "%d bytes of a frame cut short" % rest])
+
+
+def decode(body):
+    """[seq, prev, time_s, kind, detail] of one record body, or None."""
+    return _decode(body)
 
 
 def _decode(body):

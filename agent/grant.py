@@ -34,6 +34,8 @@
 # per step on a small board), then finish() checks the result. verify() does
 # all of it at once. Every refusal is a GrantError with a code.
 
+import hashlib
+
 from agent import cbor, cose
 from agent.p256 import SignatureError, parse_public_key
 from agent.errors import RemoteError
@@ -223,6 +225,15 @@ def _time(claims, label):
 
 
 # ---------------------------------------------------------------- revocations
+
+REVOCATIONS_DIGEST_BYTES = 8
+
+
+def revocations_digest(revoked):
+    """A short digest of a revocation list's grant ids, in its order: what a
+    device reports so the cloud sends the list only when it changed."""
+    return hashlib.sha256(cbor.dumps(list(revoked))).digest()[:REVOCATIONS_DIGEST_BYTES]
+
 
 def verify_revocations(message, keys, last_iat_s=0):
     """(issued_at_s, [grant id, ...]) from a revocation list the support key

@@ -101,6 +101,7 @@ class Cloud:
         self.prov_port = prov_port or free_port(host)
         self.cert_s = cert_s
         self.provision_service = None
+        self.support_service = None
         self._serials = frozenset()
         self.server_cert, self.server_key = self.ca.issue_server(os.path.join(self.data_dir, "broker"))
         self.store_path = os.path.join(self.data_dir, "tether.db")
@@ -215,9 +216,18 @@ class Cloud:
         else:
             await self._start_mosquitto()
         await self._start_provisioning()
+        await self._start_support()
         await self.enforce_revocations()
         self._watch = asyncio.get_running_loop().create_task(self._watch_revocations())
         log.info("cloud up on %s:%d (%s broker)", self.host, self.port, self.kind)
+
+    async def _start_support(self):
+        """Console audit logs in, revocations and checkpoints out (cloud/support_mqtt.py)."""
+        from cloud.ca import SUPPORT_IDENTITY
+        from cloud.support_mqtt import SupportService
+        self.support_service = SupportService(self.data_dir, self.host, self.port, self.ca_path,
+                                              self._client_files(self.ca, "support", SUPPORT_IDENTITY))
+        await self.support_service.start()
 
     async def _start_provisioning(self):
         from cloud.provision_mqtt import ProvisionService
@@ -462,6 +472,9 @@ class Cloud:
         if self.provision_service is not None:
             await self.provision_service.stop()
             self.provision_service = None
+        if self.support_service is not None:
+            await self.support_service.stop()
+            self.support_service = None
         if self.broker is not None:
             await self.broker.stop()
         if self.mosquitto_ingest is not None:

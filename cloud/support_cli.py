@@ -1,10 +1,10 @@
-"""`tether cloud support grant | revoke | revocations | review | verify-log | pubkey`.
+"""`tether cloud support grant | revoke | revocations | review | verify-log | findings | pubkey`.
 
     add_parser(cloud_subparsers)   adds `support` under `tether cloud`
     main(args) -> int              runs the parsed command
 
-Exit codes: 0 done (verify-log: the chain is sound), 1 verify-log found
-tampering, 2 usage or an input the tool cannot use (including a grant
+Exit codes: 0 done (verify-log: the chain is sound), 1 verify-log or
+findings found tampering, 2 usage or an input the tool cannot use (including a grant
 request without a distinct approver).
 """
 
@@ -34,6 +34,7 @@ issued only with an approver distinct from the requester and the technician.
   tether cloud support revoke GID --by bob --reason "visit cancelled"
   tether cloud support review
   tether cloud support verify-log --device dev-0001 --log audit.log
+  tether cloud support findings [--device acme/dev-0001]   (logs uploaded over MQTT)
 """
 
 
@@ -66,9 +67,12 @@ def add_parser(cloud_sub):
     v.add_argument("--device", required=True)
     v.add_argument("--log", required=True, help="the device's audit.log as uploaded")
     v.add_argument("--json", action="store_true")
+    f = sub.add_parser("findings", help="what the cloud found in audit logs uploaded over MQTT")
+    f.add_argument("--device", help="tenant/device (default: all)")
+    f.add_argument("--json", action="store_true", help="JSON lines")
     pk = sub.add_parser("pubkey", help="write the support public key devices pin")
     pk.add_argument("--out", required=True)
-    for p in (g, rv, rl, r, v, pk):
+    for p in (g, rv, rl, r, v, f, pk):
         p.add_argument("--data", default="tether-cloud", help="the cloud's data directory")
     sp.set_defaults(support_parser=sp)
     return sp
@@ -151,6 +155,17 @@ def verify_log(desk, args):
     return EXIT_TAMPER if report["tamper"] else EXIT_OK
 
 
+def findings(desk, args):
+    rows = desk.audit_findings(args.device)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row, sort_keys=True))
+        else:
+            print("%s %-24s %-10s seq %-6d %s%s" % (_utc(row["at"]), row["identity"], row["kind"], row["seq"],
+                                                 "TAMPER " if row["tamper"] else "", row["detail"]))
+    return EXIT_TAMPER if any(r["tamper"] for r in rows) else EXIT_OK
+
+
 def pubkey(desk, args):
     firmware.write_file(args.out, desk.public_key)
     print("support key kid %s written to %s (65-byte point)" % (desk.kid.hex(), args.out))
@@ -162,7 +177,7 @@ def _utc(seconds):
 
 
 COMMANDS = {"grant": grant, "revoke": revoke, "revocations": revocations, "review": review,
-            "verify-log": verify_log, "pubkey": pubkey}
+            "verify-log": verify_log, "findings": findings, "pubkey": pubkey}
 
 
 def _standalone(argv=None):

@@ -64,12 +64,12 @@ class SimConsoleDevice:
     """A simulated device's console: SimFlash, SimClock, seeded randomness."""
 
     def __init__(self, device_id, keys, seed, site=SITE, flash=None, bytes_max=None,
-                 bits_per_tick=256):
+                 bits_per_tick=256, start_ms=T0_S * 1000):
         self.device_id = device_id
         self.site = site
         self.keys = keys
         self.flash = flash if flash is not None else SimFlash()
-        self.clock = SimClock(start_ms=T0_S * 1000)
+        self.clock = SimClock(start_ms=start_ms)
         self.rng = random.Random(seed)
         self.commands = DeviceCommands(device_id, telemetry=["t%d" % i for i in range(20)],
                                        log=["boot ok"])
@@ -131,13 +131,16 @@ def _refused(fn, *codes):
 
 
 class Drill:
-    def __init__(self, devices, seed, data_dir):
-        self.now_s = T0_S
-        self.desk = SupportDesk(data_dir, clock_s=lambda: self.now_s,
-                                random_bytes=random.Random(seed).randbytes)
+    """Sessions and attacks; on its own desk and devices, or (desk and
+    device_list given, with now_s their time) on someone else's."""
+
+    def __init__(self, devices, seed, data_dir, desk=None, device_list=None, now_s=T0_S):
+        self.now_s = now_s
+        self.desk = desk or SupportDesk(data_dir, clock_s=lambda: self.now_s,
+                                        random_bytes=random.Random(seed).randbytes)
         self.keys = self.desk.keys()
-        self.devices = [SimConsoleDevice("dev-%04d" % i, self.keys, seed * 1000 + i)
-                        for i in range(devices)]
+        self.devices = device_list or [SimConsoleDevice("dev-%04d" % i, self.keys, seed * 1000 + i)
+                                       for i in range(devices)]
         self.tech = Technician("tech-alice")
         self.sessions = 0
         self.commands = 0
