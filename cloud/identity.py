@@ -11,9 +11,9 @@ Uses its own SQLite connection to the cloud's database file (WAL), so it
 never shares a transaction with the ingest's writer.
 """
 
-import sqlite3
 import time
 
+from cloud import db
 from cloud.ca import parse_identity
 from cloud.errors import IdentityError
 
@@ -46,25 +46,14 @@ def now_ms():
 class Registry:
     def __init__(self, db_path, clock_ms=now_ms):
         self.clock_ms = clock_ms
-        self._db = sqlite3.connect(db_path, isolation_level=None, timeout=10,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = db.connect(db_path)
         self._db.executescript(_SCHEMA)
 
     def close(self):
         self._db.close()
 
     def _atomic(self, fn):
-        """Run fn() in one transaction: a row and its audit row land together."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        return result
+        return db.atomic(self._db, fn)
 
     # -- audit ------------------------------------------------------------------
 

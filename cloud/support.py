@@ -32,11 +32,10 @@ support findings`). docs/console.md has the formats and the kinds.
 import hashlib
 import json
 import os
-import sqlite3
 import time
 
 from agent import auditlog, cbor, cose, journal, grant as agrant
-from cloud import firmware
+from cloud import db, firmware
 from cloud.errors import CloudError
 
 CHECKPOINT_AAD = auditlog.CHECKPOINT_AAD
@@ -86,9 +85,7 @@ class SupportDesk:
         self.key = _load_or_make_key(os.path.join(data_dir, "support"))
         self.public_key = firmware.public_bytes(self.key)
         self.kid = firmware.kid_of(self.key)
-        self._db = sqlite3.connect(os.path.join(data_dir, "support.db"), isolation_level=None,
-                                   timeout=10, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = db.connect(os.path.join(data_dir, "support.db"))
         self._db.executescript(_SCHEMA)
 
     def close(self):
@@ -442,14 +439,7 @@ class SupportDesk:
                                                     json.dumps(detail, sort_keys=True)))
 
     def _atomic(self, fn):
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        return result
+        return db.atomic(self._db, fn)
 
 
 def segment_bodies(frames, first):
