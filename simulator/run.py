@@ -23,6 +23,43 @@ class UsageError(Exception):
     pass
 
 
+def add_parser(sub):
+    """`tether sim run`."""
+    r = sub.add_parser("sim", help="the fleet simulator")
+    rsub = r.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
+    run = rsub.add_parser("run", help="run virtual devices against a running cloud",
+                          description="Run N virtual devices (the real agent core on simulated flash) "
+                          "against a broker. Credentials come from a directory of <tenant>/<device>.pem "
+                          "and .key files (as `tether cloud serve --issue` writes them), or are minted "
+                          "from a CA you supply. Writes summary.json; exits 1 when a correctness check "
+                          "fails, so it can gate a CI load test.")
+    run.add_argument("--broker-url", default="mqtts://127.0.0.1:8883", help="mqtts://HOST:PORT")
+    run.add_argument("--ca-bundle", required=True, help="CA certificate(s) that signed the broker's certificate")
+    run.add_argument("--server-name", default="localhost", help="name to verify in the broker's certificate")
+    run.add_argument("--creds", help="directory of issued device credentials (TENANT/DEVICE.pem + .key)")
+    run.add_argument("--mint-ca", nargs=2, metavar=("CA_CERT", "CA_KEY"),
+                     help="mint device credentials from this CA instead")
+    run.add_argument("--claim", nargs=2, metavar=("CERT", "KEY"),
+                     help="enroll every device by claim with this batch claim certificate first (each makes "
+                     "its own key); hardware ids HWID_PREFIX00000.. must be allowlisted for the batch")
+    run.add_argument("--prov-url", help="the provisioning endpoint, mqtts://HOST:PORT (default: the broker's "
+                     "host, port 8884)")
+    run.add_argument("--hwid-prefix", default="sim-hw-",
+                     help="hardware ids are PREFIX00000, PREFIX00001, ... (each enrolls once per cloud: a "
+                     "second run against the same cloud needs another prefix on the allowlist)")
+    run.add_argument("--enroll-timeout", type=float, default=60.0,
+                     help="seconds a device may take to enroll by claim (default 60)")
+    run.add_argument("--devices", type=int, default=100)
+    run.add_argument("--tenants", type=int, default=2)
+    run.add_argument("--duration", type=float, default=30.0)
+    run.add_argument("--interval", type=float, default=1.0, help="seconds between samples per device")
+    run.add_argument("--network-cut", metavar="AT:SECONDS", help="cut every device's network at AT for SECONDS")
+    run.add_argument("--store", help="the cloud's SQLite file, for cloud-side checks (ours only)")
+    run.add_argument("--out", default="tether-sim-out")
+    run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--quiet", action="store_true")
+
+
 def parse_broker_url(url):
     u = urlparse(url)
     if u.scheme != "mqtts" or not u.hostname:
