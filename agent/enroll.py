@@ -33,7 +33,8 @@ from agent import cbor
 from agent.actions import DeleteKey, Log, MakeKey, Publish, Sign, UseIdentity, WriteAtomic
 from agent.backoff import Backoff
 from agent.errors import CBORError, LocalError, RemoteError
-from agent.events import ConnectionLost, Connected, KeyMade, Message, PubAcked, Refused, Signed, Tick
+from agent.events import (ConnectionLost, Connected, KeyMade, Message, PubAcked, Refused, RotateNow, Signed,
+                          Tick)
 
 RECORD_FILE = "identity"
 SLOTS = ("id0", "id1")
@@ -74,6 +75,7 @@ TRANSITIONS = {
     (ENROLLED, Connected): "_enrolled_connected",
     (ENROLLED, Refused): "_enrolled_refused",
     (ENROLLED, Message): "_confirm_answer",
+    (ENROLLED, RotateNow): "_rotate_now",
 }
 # Link events any state takes in its stride (they only track connectivity),
 # and messages outside WAITING (late or replayed answers) are ignored.
@@ -240,6 +242,7 @@ class Identity:
         self.retry_at_ms = 0     # RETRY: when to ask again; ENROLLED: when to try rotating again
         self.refusals = 0        # refusals of the identity being tried, in a row
         self.last_reason = ""
+        self.rotate_asked = False  # RotateNow: rotate before the certificate's time
         self.confirm_nonce = None  # the confirm out, waiting for the cloud's answer
         self.confirm_ms = -1
 
@@ -288,6 +291,8 @@ class Identity:
             return getattr(self, name)(event)
         if isinstance(event, (Connected, ConnectionLost, Message, Tick, PubAcked)):
             return []
+        if isinstance(event, RotateNow):
+            return [Log("rotate_refused", "no identity to rotate, or a change already under way")]
         if isinstance(event, Refused):
             return self._refused_while_busy(event)
         prior = self.state
@@ -401,6 +406,7 @@ class Identity:
         self.record["u"] = fingerprint(self.record["a"]["cert"])  # the cloud hears it works
         self.state = ENROLLED
         self.purpose = None
+        self.rotate_asked = False
         actions = [WriteAtomic(RECORD_FILE, encode_record(self.record)),
                    Log("identity_proven", self.record["a"]["id"])]
         if old is not None and old["k"] != self.record["a"]["k"]:
@@ -465,9 +471,15 @@ class Identity:
         if now >= self.record["a"]["exp"]:
             self.retry_at_ms = event.now_ms + self.backoff.next_delay_ms()
             return self._begin(OP_RECOVER)
-        if now >= self.rotate_at_ms() and self.online:
+        if (now >= self.rotate_at_ms() or self.rotate_asked) and self.online:
             return self._begin(OP_ROTATE)
         return []
+
+    def _rotate_now(self, event):
+        """Ask at once if connected; otherwise as soon as the device is."""
+        self.rotate_asked = True
+        self.retry_at_ms = 0
+        return [Log("rotate_requested", self.identity)] + (self._begin(OP_ROTATE) if self.online else [])
 
     def _enrolled_refused(self, event):
         self.refusals += 1

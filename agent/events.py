@@ -85,3 +85,12 @@ class Refused(Event):
     def __init__(self, now_ms, reason):
         self.now_ms = now_ms
         self.reason = reason
+
+
+class RotateNow(Event):
+    """Rotate the identity now, whatever its age (a technician's console
+    command, an operator's request): new key, new certificate, old retired."""
+    __slots__ = ("now_ms",)
+
+    def __init__(self, now_ms):
+        self.now_ms = now_ms

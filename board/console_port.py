@@ -165,8 +165,11 @@ class DeviceCommands:
     commands are recorded in `executed`, in order; the board integration
     maps them to the updater and identity code (reboot, rollback, ...)."""
 
-    def __init__(self, device_id, version="1.0.0", telemetry=(), log=()):
+    def __init__(self, device_id, version="1.0.0", telemetry=(), log=(), hooks=None):
         self.device_id = device_id
+        # command -> fn(args) -> output lines: what the board really does
+        # (e.g. "rotate-identity" feeds RotateNow to the identity core)
+        self.hooks = dict(hooks or {})
         self.version = version
         self.telemetry = list(telemetry)
         self.log = list(log)
@@ -176,7 +179,7 @@ class DeviceCommands:
 
     def run(self, command, args, role):
         self.executed.append((command, tuple(args)))
-        handler = getattr(self, "_" + command.replace("-", "_"), None)
+        handler = self.hooks.get(command) or getattr(self, "_" + command.replace("-", "_"), None)
         if handler is None:
             return [], "unsupported"
         return handler(args), None
