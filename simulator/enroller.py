@@ -93,12 +93,18 @@ class Enroller:
         return self.core.state == enroll.ENROLLED and self.writer is not None \
             and self.use is not None and self.use.name is not None and self.core.record.get("u") is None
 
-    async def run(self, timeout_s=60, boot_blob=None, until=None):
-        """Drive the core until `until()` (default: its identity is proven)."""
+    async def run(self, timeout_s=60, boot_blob=None, until=None, actions=None):
+        """Drive the core until `until()` (default: its identity is proven).
+        A core that is already running (a fleet device that must recover
+        through the claim endpoint) is picked up with `actions`, the
+        transport actions it just asked for, instead of being booted."""
         until = until or self.proven
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        todo = self.board.run(self.core, self.core.boot(boot_blob))
+        if actions is None:
+            todo = self.board.run(self.core, self.core.boot(boot_blob))
+        else:
+            todo = list(actions)
         try:
             while loop.time() < deadline:
                 todo += self.feed(Tick(self.clock_ms()))
