@@ -59,18 +59,22 @@ PHASES = (IDLE, DOWNLOADING, VERIFIED, INSTALLED, TRIAL, CONFIRMED, ROLLED_BACK,
 BOOT_STATE_VERSION = 1
 SLOTS = 2
 REPAIRS_MAX = 2              # re-downloads from a chunk the read-back found bad
+REF_CHARS_MAX = 64           # an Offer's ref (the cloud's release id)
 
 
 # ---------------------------------------------------------------- events
 
 class Offer(Value):
     """The cloud offers a release bundle. now_ms is the device's wall clock
-    (for the manifest's expiry)."""
-    __slots__ = ("bundle", "now_ms")
+    (for the manifest's expiry). ref is the cloud's name for the offer (its
+    release id, at most REF_CHARS_MAX characters): every report about this
+    update carries it back, so the cloud attributes reports exactly."""
+    __slots__ = ("bundle", "now_ms", "ref")
 
-    def __init__(self, bundle, now_ms):
+    def __init__(self, bundle, now_ms, ref=""):
         self.bundle = bundle
         self.now_ms = now_ms
+        self.ref = ref
 
 
 class Chunk(Value):
@@ -142,14 +146,16 @@ class Reboot(Value):
 
 
 class Report(Value):
-    """A status report. (rollout, seq) identifies it: the same report may be
-    sent again after a reboot, with the same seq, and the cloud keeps one."""
-    __slots__ = ("status", "reason", "seq")
+    """A status report. seq identifies it: the same report may be sent again
+    after a reboot, with the same seq, and the cloud keeps one. ref is the
+    Offer's ref of the update it is about ("" for none)."""
+    __slots__ = ("status", "reason", "seq", "ref")
 
-    def __init__(self, status, reason, seq):
+    def __init__(self, status, reason, seq, ref=""):
         self.status = status
         self.reason = reason
         self.seq = seq
+        self.ref = ref
 
 
 class RequestChunk(Value):
@@ -166,10 +172,11 @@ class BootState:
     the confirmed security and key-set versions, `seq` the number of the
     last status report, `manifest` the verified manifest bytes of the update
     in progress (b"" when none), `cursor` the next chunk to download,
-    `repairs` how often the read-back sent this update back to download."""
+    `repairs` how often the read-back sent this update back to download,
+    `ref` the cloud's name for the update the phase is about."""
 
     def __init__(self, active=0, sv=0, ksv=0, phase=IDLE, target=0, cursor=0, seq=0,
-                 reason="", manifest=b"", trial_sv=0, trial_ksv=0, repairs=0):
+                 reason="", manifest=b"", trial_sv=0, trial_ksv=0, repairs=0, ref=""):
         self.active = active
         self.sv = sv
         self.ksv = ksv
@@ -182,11 +189,12 @@ class BootState:
         self.trial_sv = trial_sv
         self.trial_ksv = trial_ksv
         self.repairs = repairs
+        self.ref = ref
 
     def copy(self, **changes):
         new = BootState(self.active, self.sv, self.ksv, self.phase, self.target, self.cursor,
                         self.seq, self.reason, self.manifest, self.trial_sv, self.trial_ksv,
-                        self.repairs)
+                        self.repairs, self.ref)
         for name in changes:
             setattr(new, name, changes[name])
         return new
@@ -196,13 +204,16 @@ class BootState:
                            "ksv": self.ksv, "ph": self.phase, "t": self.target,
                            "c": self.cursor, "seq": self.seq, "why": self.reason,
                            "m": self.manifest, "tsv": self.trial_sv, "tksv": self.trial_ksv,
-                           "rp": self.repairs})
+                           "rp": self.repairs, "ref": self.ref})
 
 
-# key -> kind; the order is BootState's arguments. "rp" may be missing (older records).
+# key -> kind; the order is BootState's arguments. "rp" and "ref" may be
+# missing (older records): _RECORD_DEFAULTS.
 _RECORD_FIELDS = (("a", "slot"), ("sv", "uint"), ("ksv", "uint"), ("ph", "phase"),
                   ("t", "slot"), ("c", "uint"), ("seq", "uint"), ("why", "text"),
-                  ("m", "bytes"), ("tsv", "uint"), ("tksv", "uint"), ("rp", "uint"))
+                  ("m", "bytes"), ("tsv", "uint"), ("tksv", "uint"), ("rp", "uint"),
+                  ("ref", "ref"))
+_RECORD_DEFAULTS = {"rp": 0, "ref": ""}
 
 
 def decode_boot_state(blob, default_active=0):
@@ -221,7 +232,7 @@ def decode_boot_state(blob, default_active=0):
         raise LocalError("boot state is damaged", "bad_boot_state")
     values = []
     for key, kind in _RECORD_FIELDS:
-        value = f.get(key, 0 if key == "rp" else None)
+        value = f.get(key, _RECORD_DEFAULTS.get(key))
         if not _is_kind(value, kind):
             raise LocalError("boot state field %s is damaged" % key, "bad_boot_state")
         values.append(value)
@@ -237,6 +248,8 @@ def _is_kind(value, kind):
         return value in PHASES
     if kind == "text":
         return isinstance(value, str)
+    if kind == "ref":
+        return isinstance(value, str) and len(value) <= REF_CHARS_MAX
     return isinstance(value, bytes)
 
 
@@ -259,7 +272,7 @@ _IGNORED = (Chunk, Healthy, Tick, Offer)   # late or repeated network input else
 # The fields each event must carry, checked before any transition.
 _EVENT_FIELDS = {
     Booted: (("slot", "slot"), ("boot_state", "blob")),
-    Offer: (("now_ms", "uint"),),
+    Offer: (("now_ms", "uint"), ("ref", "ref")),
     Chunk: (("index", "uint"), ("data", "bytes")),
     SlotRead: (("offset", "uint"), ("data", "bytes")),
     Healthy: (("acked_count", "uint"), ("now_ms", "uint")),
@@ -361,9 +374,9 @@ class Updater:
             manifest = mf.verify_release(event.bundle, c.root_public_key, c.k, self.boot.ksv)
             mf.check(manifest, c.hw_class, self.boot.sv, event.now_ms // 1000)
         except RemoteError as error:   # ManifestError, CBORError
-            return self._reject(error.code)
+            return self._reject(error.code, event.ref)
         boot = self.boot.copy(phase=DOWNLOADING, target=1 - self.boot.active, cursor=0,
-                              reason="", manifest=manifest.encode(), repairs=0,
+                              reason="", manifest=manifest.encode(), repairs=0, ref=event.ref,
                               trial_sv=manifest.security_version,
                               trial_ksv=manifest.keyset_version)
         # Chunk hashes only: the whole-payload hash is checked on the read-back.
@@ -435,10 +448,13 @@ class Updater:
         self.state = INSTALLED
         return self._save(self.boot.copy(phase=INSTALLED)) + [Reboot()]
 
-    def _reject(self, reason):
+    def _reject(self, reason, ref=None):
         self._verifier = None
         self.state = REJECTED
-        return self._save(self.boot.copy(phase=REJECTED, reason=reason, cursor=0, manifest=b""))
+        boot = self.boot.copy(phase=REJECTED, reason=reason, cursor=0, manifest=b"")
+        if ref is not None:
+            boot.ref = ref
+        return self._save(boot)
 
     # -- trial ---------------------------------------------------------------
 
@@ -481,7 +497,7 @@ class Updater:
         return [WriteBootState(boot.encode()), self._report()]
 
     def _report(self):
-        return Report(self.boot.phase, self.boot.reason, self.boot.seq)
+        return Report(self.boot.phase, self.boot.reason, self.boot.seq, self.boot.ref)
 
 
 def _check_event(event):

@@ -259,17 +259,24 @@ class Engine:
 
     # ------------------------------------------------------------ reports
 
-    def report(self, device, status, reason, seq, now_ms):
+    def report(self, device, status, reason, seq, now_ms, release=None):
         """A device's update status report (agent.updater's vocabulary). Reports
         are sequenced per device: one with a seq at or below the last kept is
-        a repeat and changes nothing. Returns actions (a halt cancels offers)."""
+        a repeat and changes nothing. `release` is the release the report is
+        about (the updater's Report.ref, the id the offer named): a report
+        about another release than the device's rollout is recorded and does
+        not move the member. None: attributed to the latest offer. Returns
+        actions (a halt cancels offers)."""
         if status not in rp.REPORTS:
             raise RolloutError("unknown report status %r" % (status,), "bad_report")
         if type(seq) is not int or seq < 0:
             raise RolloutError("seq is a non-negative integer", "bad_report")
-        return self._atomic(lambda: self._report(device, status, str(reason or "")[:TEXT_MAX], seq, now_ms))
+        if release is not None:
+            _text(release, "release")
+        return self._atomic(lambda: self._report(device, status, str(reason or "")[:TEXT_MAX], seq, now_ms,
+                                                 release))
 
-    def _report(self, device, status, reason, seq, now_ms):
+    def _report(self, device, status, reason, seq, now_ms, release=None):
         dev = self.device(device)
         if dev is None:
             raise RolloutError("unknown device %r: observe it first" % device, "unknown_device")
@@ -282,8 +289,12 @@ class Engine:
             return []
         member = self._row("SELECT * FROM rollout_members WHERE rollout = ? AND device = ?",
                            (dev["rollout"], device))
-        new = rp.MEMBER_TRANSITIONS.get((member["state"], status))
         r = self._rollout(dev["rollout"])
+        if release is not None and release != r["release"]:
+            self._event(now_ms, SYSTEM_ACTOR, "other_release_report", r["id"], member["stage"], device=device,
+                        release=release, status=status, reason=reason)
+            return []
+        new = rp.MEMBER_TRANSITIONS.get((member["state"], status))
         if status == rp.CONFIRMED:      # it runs the release now, even if counted silent before
             version = self._row("SELECT version FROM rollout_releases WHERE id = ?", (r["release"],))["version"]
             self._db.execute("UPDATE rollout_devices SET version = ? WHERE device = ?", (version, device))

@@ -101,6 +101,7 @@ class Cloud:
         self.prov_port = prov_port or free_port(host)
         self.cert_s = cert_s
         self.provision_service = None
+        self.ota_service = None
         self.support_service = None
         self._serials = frozenset()
         self.server_cert, self.server_key = self.ca.issue_server(os.path.join(self.data_dir, "broker"))
@@ -217,6 +218,7 @@ class Cloud:
             await self._start_mosquitto()
         await self._start_provisioning()
         await self._start_support()
+        await self._start_ota()
         await self.enforce_revocations()
         self._watch = asyncio.get_running_loop().create_task(self._watch_revocations())
         log.info("cloud up on %s:%d (%s broker)", self.host, self.port, self.kind)
@@ -239,6 +241,14 @@ class Cloud:
             # provisioning endpoint: the service's is not guessable there.
             claims_client_id=None if self.kind == "embedded" else "%s-%s" % (CLAIMS_IDENTITY, os.urandom(8).hex()))
         await self.provision_service.start()
+
+    async def _start_ota(self):
+        """Firmware updates (cloud/ota_service.py) on DATA/rollouts.db, the rollout CLI's file."""
+        from cloud.ca import OTA_IDENTITY
+        from cloud.ota_service import OtaService
+        self.ota_service = OtaService(os.path.join(self.data_dir, "rollouts.db"), self.host, self.port,
+                                      self.ca_path, self._client_files(self.ca, "ota", OTA_IDENTITY))
+        await self.ota_service.start()
 
     async def sync_serials(self):
         """Certificates retired by a rotation (or of revoked identities) are
@@ -475,6 +485,9 @@ class Cloud:
         if self.support_service is not None:
             await self.support_service.stop()
             self.support_service = None
+        if self.ota_service is not None:
+            await self.ota_service.stop()
+            self.ota_service = None
         if self.broker is not None:
             await self.broker.stop()
         if self.mosquitto_ingest is not None:

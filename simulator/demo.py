@@ -10,7 +10,7 @@ import time
 
 from agent import telemetry
 from cloud.service import Cloud
-from simulator import console_drill, hostile, identity_drill, live, provision_drill
+from simulator import console_drill, hostile, identity_drill, live, ota_drill, provision_drill
 from simulator.fleet import Fleet
 from simulator.report import render
 from simulator.verify import Check, summarize
@@ -31,8 +31,9 @@ async def run_demo(args):
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     cloud_dir = os.path.join(out, "cloud")
-    if os.path.exists(os.path.join(cloud_dir, "tether.db")):
-        os.remove(os.path.join(cloud_dir, "tether.db"))  # a fresh store for a fresh run
+    for name in ("tether.db", "rollouts.db", "rollouts.db-wal", "rollouts.db-shm"):
+        if os.path.exists(os.path.join(cloud_dir, name)):
+            os.remove(os.path.join(cloud_dir, name))  # fresh records for a fresh run
     cloud = Cloud(cloud_dir, broker=args.broker)
     view = live.Progress(quiet=args.quiet)
     view.say("starting the reference cloud (%s broker, mTLS) on ports %d (devices) and %d (provisioning)"
@@ -59,6 +60,9 @@ async def run_demo(args):
         def cut():
             view.say("fault: cutting the network of every device for %.0f s" % cut_for)
             fleet.cut_network()
+            # On a timer, not a run_for event: those are awaited in turn, and a slow
+            # one (an attack) would keep the network down past its time.
+            fleet.loop.call_later(cut_for, restore)
 
         def restore():
             view.say("fault cleared: network back")
@@ -69,16 +73,21 @@ async def run_demo(args):
             await cloud.restart_broker(down_s=1.5)
             view.say("broker back")
 
+        # Every device runs the update machine on its flash (simulator/ota_device.py).
+        firmware = ota_drill.OtaDrill(cloud, fleet, seed=args.seed, say=view.say)
         first_certs = {dev.identity: dev.id_core.record["a"]["cert"] for dev in fleet.devices}
         quarantine = QuarantineDrill(cloud, creds[2:4])
         victim = (creds[0].tenant, creds[0].device)
         fleet.start()
         attacks = hostile.Attacks(cloud, creds[0])
         drill = identity_drill.RevocationDrill(cloud)
-        events = [(cut_at, cut), (cut_at + cut_for, restore), (restart_at, restart),
+        events = [(cut_at, cut), (restart_at, restart),
                   (0.45 * d, quarantine.run), (0.5 * d, attacks.run), (0.55 * d, drill.run),
                   (0.6 * d, lambda: provisioning.attack(victim))]
         await fleet.run_for(d, events)
+        view.say("telemetry phases done; firmware updates through the broker")
+        await firmware.run()
+        marks.append((d, fleet.elapsed_s(), "firmware updates"))
         view.say("sampling done; draining every device queue")
         drained = await fleet.drain(timeout_s=60)
         duration = fleet.elapsed_s()
@@ -86,7 +95,7 @@ async def run_demo(args):
         rotation = rotation_check(cloud, fleet, first_certs, short_cert_s, duration)
         summary = summarize(fleet, cloud.store, duration, drained,
                             extra_checks=attacks.checks(cloud) + drill.checks() + provisioning.checks(victim)
-                            + quarantine.checks() + [rotation])
+                            + quarantine.checks() + [rotation] + firmware.checks())
         console = console_drill.run_drill(devices=max(5, min(args.devices, 20)), seed=args.seed, details=True)
         summary["checks"] += [c.as_dict() for c in console_checks(console)]
         counts = cloud.provisioning.counts()
@@ -97,6 +106,7 @@ async def run_demo(args):
             summary["identity"]["attacks_tried"] += tried
             summary["identity"]["attacks_refused"] += refused
         summary["console"] = {k: v for k, v in console.items() if k != "attacks"}
+        summary.update(firmware.sections())
         summary["faults"] = {"network_cut_s": cut_for, "network_cut_at_s": round(cut_at, 1),
                              "broker_restart_at_s": round(restart_at, 1)}
         summary["broker"] = cloud.kind
@@ -108,7 +118,8 @@ async def run_demo(args):
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(out, "report.html"), "w") as f:
-        f.write(render(summary, fleet.metrics.timeline, marks, title="tether demo"))
+        f.write(render(summary, fleet.metrics.timeline, marks, title="tether demo",
+                       versions=firmware.series(), version_marks=firmware.marks))
     return summary
 
 

@@ -22,7 +22,8 @@ class Link(asyncio.Protocol):
 
     def __init__(self, device):
         self.device = device
-        self.parser = mqtt.Parser()
+        # Offers and chunks are bigger than telemetry's packets (simulator/ota_device.py).
+        self.parser = mqtt.Parser() if device.ota is None else mqtt.Parser(device.ota.packet_bytes_max)
         self.transport = None
         self.timer = None
 
@@ -35,6 +36,8 @@ class Link(asyncio.Protocol):
         transport.write(mqtt.connect(self.device.identity, keepalive_s, clean_session=True))
         if self.device.id_core is not None:  # answers to a rotation come here
             transport.write(mqtt.subscribe(1, [(enroll.device_topics(self.device.identity)[1], 1)]))
+        if self.device.ota is not None:      # offers and chunks (simulator/ota_device.py)
+            transport.write(mqtt.subscribe(2, [(self.device.ota.down_topic, 1)]))
         self.timer = self.device.fleet.loop.call_later(CONNECT_TIMEOUT_S, self.connack_timeout)
 
     def connack_timeout(self):
@@ -99,6 +102,7 @@ class VirtualDevice:
         self.acked = KeySet()     # (epoch, seq) the broker acknowledged
         self.dropped = KeySet()   # (epoch, seq) dropped from a full queue (and declared)
         self.tick_handle = None
+        self.ota = None           # simulator/ota_device.OtaDevice when the fleet runs updates
 
     # -- life -----------------------------------------------------------------
 
@@ -120,6 +124,8 @@ class VirtualDevice:
         self.check_ack_timeout()
         self.feed(events.Sample(self.fleet.now_ms(), readings))
         self.feed_identity(events.Tick(self.fleet.now_ms()))
+        if self.ota is not None:
+            self.ota.tick()
 
     def schedule_tick(self):
         if self.fleet.closing:
@@ -194,7 +200,7 @@ class VirtualDevice:
         self.link.transport.write(mqtt.publish(action.topic, action.payload, 1, pid))
 
     async def open_link(self):
-        if not self.fleet.network_up:
+        if not self.fleet.network_up or (self.ota is not None and self.ota.hung()):
             self.lost("network down")
             return
         self.fleet.metrics.connect_attempts += 1
@@ -222,6 +228,9 @@ class VirtualDevice:
         if isinstance(packet, mqtt.Publish):
             if packet.packet_id is not None:
                 link.transport.write(mqtt.puback(packet.packet_id))
+            if self.ota is not None and packet.topic == self.ota.down_topic:
+                self.ota.on_message(packet.payload)
+                return
             self.feed_identity(events.Message(self.fleet.now_ms(), packet.topic, packet.payload))
             return
         if isinstance(packet, mqtt.PubAck):
@@ -256,6 +265,8 @@ class VirtualDevice:
         self.fleet.metrics.connects += 1
         self.feed(events.Connected(self.fleet.now_ms()))
         self.feed_identity(events.Connected(self.fleet.now_ms()))
+        if self.ota is not None:
+            self.ota.connected()
 
     def on_link_lost(self, link, reason):
         if link is self.link or (self.link is None and self.connecting):

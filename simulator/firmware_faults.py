@@ -99,11 +99,12 @@ def payload(version, size):
 
 
 def build_release(hw_class, version, security_version, size=9000, keys_dir=None,
-                  keyset_name="keyset-v2.cose", signers=SIGNERS, rollout_tag="drill"):
+                  keyset_name="keyset-v2.cose", signers=SIGNERS, rollout_tag="drill",
+                  expires_s=EXPIRES_AT):
     """(bundle, payload) signed with the test keys in firmware-images/ through cloud/firmware.py."""
     keys_dir = keys_dir or os.path.join(IMAGES, "keys")
     data = payload(version, size)
-    manifest = firmware.build_manifest(data, hw_class, version, security_version, EXPIRES_AT, rollout_tag)
+    manifest = firmware.build_manifest(data, hw_class, version, security_version, expires_s, rollout_tag)
     keys = [firmware.load_private_key(os.path.join(keys_dir, name + ".key")) for name in signers]
     keyset = firmware.read_file(os.path.join(IMAGES, keyset_name), "key set")
     return firmware.sign_bundle(manifest, keys, keyset), data

@@ -48,6 +48,61 @@ def line_chart(title, rows, key, color, marks=(), unit=""):
                            ytop="%.1f" % py(y1))
 
 
+VERSION_COLORS = ("#718096", "#c53030", "#2f855a", "#2b6cb0", "#b7791f", "#6b46c1")
+
+
+def versions_chart(cohort, series, marks=()):
+    """An SVG chart of how many devices of one cohort run each version over
+    time: series is [{"t_s", "cohorts": {cohort: {version: devices}}}]."""
+    rows = [(r["t_s"], r["cohorts"].get(cohort, {})) for r in series]
+    versions = sorted({v for _, counts in rows for v in counts})
+    if len(rows) < 2 or not versions:
+        return "<p>%s: not enough samples</p>" % html.escape(cohort)
+    x0, x1 = rows[0][0], max(rows[-1][0], rows[0][0] + 1e-9)
+    y1 = max(max(sum(c.values()) for _, c in rows), 1)
+
+    def px(x):
+        return PAD + (x - x0) / (x1 - x0) * (WIDTH - 2 * PAD)
+
+    def py(y):
+        return HEIGHT - PAD + 10 - y / y1 * (HEIGHT - 2 * PAD)
+
+    lines, legend = [], []
+    for i, version in enumerate(versions):
+        color = VERSION_COLORS[i % len(VERSION_COLORS)]
+        # a step line: the count holds until the next sample
+        points, last = [], None
+        for t, counts in rows:
+            y = counts.get(version, 0)
+            if last is not None:
+                points.append("%.1f,%.1f" % (px(t), py(last)))
+            points.append("%.1f,%.1f" % (px(t), py(y)))
+            last = y
+        lines.append('<polyline fill="none" stroke="%s" stroke-width="1.8" points="%s"/>' % (color, " ".join(points)))
+        legend.append('<text x="%d" y="%d" font-size="10" fill="%s">%s</text>' % (
+            WIDTH - PAD - 90, PAD + 12 * i, color, html.escape(version)))
+    bands = "".join('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="#edf2f7"/>'
+                    '<text x="%.1f" y="%d" font-size="9" fill="#555">%s</text>' % (
+                        px(a), PAD - 10, max(px(b) - px(a), 2), HEIGHT - 2 * PAD + 20,
+                        px(a) + 2, PAD - 12 - 10 * (i % 2), html.escape(label))
+                    for i, (a, b, label) in enumerate(marks))
+    title = "Versions over time, cohort %s (devices per version)" % cohort
+    return """<figure><figcaption>{title}</figcaption>
+<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{title}">
+{bands}
+<line x1="{p}" y1="{base}" x2="{xr}" y2="{base}" stroke="#888"/>
+<line x1="{p}" y1="{top}" x2="{p}" y2="{base}" stroke="#888"/>
+<text x="{p}" y="{h2}" font-size="10">{x0:.0f} s</text>
+<text x="{xr}" y="{h2}" font-size="10" text-anchor="end">{x1:.0f} s</text>
+<text x="{p2}" y="{ytop:.1f}" font-size="10" text-anchor="end">{y1}</text>
+<text x="{p2}" y="{base}" font-size="10" text-anchor="end">0</text>
+{lines}
+{legend}
+</svg></figure>""".format(title=html.escape(title), w=WIDTH, h=HEIGHT + 20, bands=bands, p=PAD, p2=PAD - 4,
+                           xr=WIDTH - PAD, base=HEIGHT - PAD + 10, top=PAD - 10, h2=HEIGHT + 5, x0=x0, x1=x1,
+                           y1=y1, ytop=py(y1), lines="\n".join(lines), legend="".join(legend))
+
+
 def rates(rows, key):
     """Per-second rate of a cumulative counter, as rows with key 'rate'."""
     out = []
@@ -58,7 +113,8 @@ def rates(rows, key):
     return out
 
 
-def render(summary, timeline, marks=(), title="tether run"):
+def render(summary, timeline, marks=(), title="tether run", versions=None, version_marks=()):
+    """versions: the firmware phase's versions-over-time series (one chart per cohort)."""
     checks = "".join(
         "<tr><td>{mark}</td><td>{name}</td><td>{detail}</td></tr>".format(
             mark="&#10004;" if c["passed"] else "&#10008;", name=html.escape(c["name"]),
@@ -72,6 +128,10 @@ def render(summary, timeline, marks=(), title="tether run"):
         line_chart("Records acknowledged per second", rates(timeline, "acked"), "rate", "#2f855a", marks, "/s"),
         line_chart("Records queued on devices (store-and-forward)", timeline, "queued", "#b7791f", marks),
     ])
+    if versions:
+        cohorts = sorted({c for row in versions for c in row["cohorts"]})
+        charts += "\n<h2>Firmware: versions over time per cohort of the good release</h2>\n" + "\n".join(
+            versions_chart(c, versions, version_marks) for c in cohorts)
     return """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>

@@ -54,10 +54,23 @@ async def test_demo_survives_network_cut_and_broker_restart(tmp_path, broker):
     # Mosquitto can only flag a clone (from its log); the embedded broker refuses it.
     assert ident["attacks_refused"] == (6 if broker == "embedded" else 5)
     assert ident["provisioned"] == 24 and ident["quarantined"] == 2
+    # Firmware through the same broker: attacks, a bad release halted in its canary, a good one everywhere.
+    ota, ro = summary["ota"], summary["rollout"]
+    assert set(ota) == {"updated", "rolled_back", "rejected", "bricked", "power_cut_points",
+                        "attacks_tried", "attacks_refused", "resumed_downloads"}
+    assert set(ro) == {"bad_release_halted", "bad_release_fleet_touched_pct", "good_release_coverage_pct",
+                       "bricked", "halt_incidents"}
+    assert ota["attacks_tried"] == ota["attacks_refused"] == 5 and ota["rejected"] >= 5
+    assert ota["bricked"] == ro["bricked"] == 0 and ota["power_cut_points"] >= 20
+    assert ota["resumed_downloads"] > 0 and ota["updated"] >= 24 and ota["rolled_back"] >= 1
+    assert ro["bad_release_halted"] and ro["halt_incidents"] == 1
+    assert 0 < ro["bad_release_fleet_touched_pct"] <= 5.0 and ro["good_release_coverage_pct"] == 100.0
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["telemetry"] == t
+    assert on_disk["telemetry"] == t and on_disk["ota"] == ota and on_disk["rollout"] == ro
     report = (tmp_path / "report.html").read_text()
-    assert report.count("<svg") == 3 and "PASS" in report and "<script" not in report
+    # three telemetry charts, then versions over time for each cohort of the good release
+    assert report.count("<svg") >= 5 and report.count("Versions over time, cohort") >= 2
+    assert "PASS" in report and "<script" not in report
 
 
 async def test_verification_catches_a_lost_record(tmp_path):

@@ -1,0 +1,283 @@
+"""Firmware updates over the real broker (embedded and Mosquitto, mTLS), the
+real cloud (cloud/service.py starts the OTA service), the real rollout
+engine on SQLite and really signed images (simulator/firmware_faults.py via
+cloud/firmware.py):
+
+- virtual devices (simulator/ota_device.py on the real agent/updater.py)
+  are offered a release, download it chunk by chunk, install it, run their
+  trial on acknowledged telemetry and confirm;
+- a halted rollout stops serving chunks (a raw MQTT device asks for them);
+- hostile messages are refused with a reason and the service goes on;
+- a device cannot report on another device's topic (the broker's ACL).
+
+Plus the message format, fuzzed with Hypothesis against OtaCore directly:
+any bytes are either handled or refused with an OtaError code, never a crash.
+"""
+
+import os
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from agent import cbor
+from agent import updater as up
+from cloud import ota_service as ota
+from cloud import rollout_plan as rp
+from cloud.rollout import Engine, Policy
+from cloud.rollout_release import release_id
+from cloud.service import Cloud
+from simulator import firmware_faults as ff
+from simulator import ota_drill
+from simulator.fleet import Fleet
+from simulator.ota_device import OtaDevice
+
+from brokers import Device, require_kind, wait_until
+
+HW = ota_drill.HW
+GOOD = release_id(HW, ota_drill.GOOD)
+PEOPLE = ("alice", "bob", "carol")
+PLAN = {"silence_s": 60, "reach_s": 120, "stages": [{"name": "all", "percent": 100, "soak_s": 0}]}
+WAIT_S = 30
+
+
+def now_ms():
+    import time
+    return time.time_ns() // 1_000_000
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+async def cloud(tmp_path, request):
+    require_kind(request.param)
+    c = Cloud(tmp_path / "cloud", broker=request.param)
+    await c.start()
+    c.fw, c.bundles = ota_drill.build_firmware(seed=1)
+    c.ops = Engine(os.path.join(c.data_dir, "rollouts.db"), Policy())   # the operator's side, like the CLI
+    c.ops.set_trust(ff.root_public_key(), 2, [HW], PEOPLE[0], now_ms())
+    for version in (ota_drill.FACTORY, ota_drill.GOOD):
+        c.ops.add_release(c.bundles[version], c.fw.releases[version][0], PEOPLE[0], now_ms())
+    yield c
+    c.ops.close()
+    await c.stop()
+
+
+def start_rollout(cloud, plan=PLAN):
+    rid = cloud.ops.create(GOOD, plan, PEOPLE[0], "test", now_ms())
+    cloud.ops.approve(rid, PEOPLE[1], now_ms())
+    cloud.ops.approve(rid, PEOPLE[2], now_ms())
+    cloud.ota_service.tick_now()
+    return rid
+
+
+async def raw_device(cloud, identity):
+    tenant, name = identity.split("/")
+    cred = cloud.issue_device(tenant, name)
+    dev = Device(cloud.host, cloud.port, cloud.ca_path, cred.certfile, cred.keyfile, identity)
+    assert await dev.connect() == 0
+    assert await dev.subscribe("t/%s/update" % identity) == [1]
+    return dev
+
+
+def answers(dev, op):
+    out = []
+    for _, payload in list(dev.messages):
+        msg = cbor.loads(payload)
+        if msg["op"] == op:
+            out.append(msg)
+    return out
+
+
+def hello(dev, identity, version="1.0.0"):
+    return dev.publish("t/%s/ota" % identity, ota.encode("hello", hw=HW, ver=version, site="site-0"))
+
+
+# ---------------------------------------------------------------- through the broker
+
+async def test_offer_download_install_trial_confirm(cloud):
+    creds = cloud.issue_devices(3)
+    fleet = Fleet(creds, cloud.ca_path, cloud.host, cloud.port, seed=2)
+    devices = [OtaDevice(d, cloud.fw, "site-0") for d in fleet.devices]
+    for dev, o in zip(fleet.devices, devices):
+        dev.ota = o
+    fleet.start()
+    try:
+        assert await wait_until(lambda: all(o.welcomed for o in devices), WAIT_S)
+        assert {d["device"]: d["version"] for d in cloud.ops.devices()} == \
+            {d.identity: "1.0.0" for d in fleet.devices}
+        rid = start_rollout(cloud)
+        assert await wait_until(lambda: cloud.ops.status(rid)["state"] == rp.COMPLETED, WAIT_S), \
+            cloud.ops.status(rid)["cohorts"]
+        assert all(o.running_version() == ota_drill.GOOD and o.state() == up.CONFIRMED for o in devices)
+        assert {m["state"] for m in cloud.ops.members(rid)} == {rp.CONFIRMED}
+        # Every step reported, in order, each naming the release it is about.
+        core = cloud.ota_service.core
+        first = fleet.devices[0].identity
+        mine = [r for r in core.reports if r["device"] == first]
+        assert [r["status"] for r in mine] == ["downloading", "verified", "installed", "trial", "confirmed"]
+        assert {r["ref"] for r in mine} == {GOOD}
+        assert [r["seq"] for r in mine] == sorted(r["seq"] for r in mine)
+        chunks = -(-len(cloud.fw.releases[ota_drill.GOOD][0]) // 4096)
+        assert core.counts["chunk_served"] == 3 * chunks
+        assert core.counts["refused"] == 0 and not fleet.core_errors
+    finally:
+        await fleet.close()
+
+
+async def test_a_halted_rollout_stops_serving_chunks(cloud):
+    me = "acme/raw-1"
+    dev = await raw_device(cloud, me)
+    try:
+        assert await hello(dev, me)
+        assert await wait_until(lambda: answers(dev, "welcome"))
+        rid = start_rollout(cloud)
+        assert await wait_until(lambda: answers(dev, "offer"))
+        offer = answers(dev, "offer")[0]
+        assert offer["ref"] == GOOD and offer["bundle"] == cloud.bundles[ota_drill.GOOD]
+        # While the rollout runs, chunks are served, byte for byte.
+        assert await dev.publish("t/%s/ota" % me, ota.encode("chunk", ref=GOOD, i=0))
+        assert await wait_until(lambda: answers(dev, "chunk"))
+        assert answers(dev, "chunk")[0]["data"] == cloud.fw.releases[ota_drill.GOOD][0][:4096]
+        # The kill switch halts it (from another process's engine): no more chunks.
+        cloud.ops.kill(PEOPLE[1], "test: stop everything", now_ms())
+        assert cloud.ops.status(rid)["state"] == rp.HALTED
+        assert await dev.publish("t/%s/ota" % me, ota.encode("chunk", ref=GOOD, i=1))
+        assert await wait_until(lambda: answers(dev, "error"))
+        assert answers(dev, "error")[0]["why"] == "not_offered"
+        assert len(answers(dev, "chunk")) == 1
+        # A reconnect's hello gets no offer either.
+        assert await hello(dev, me)
+        assert await wait_until(lambda: len(answers(dev, "welcome")) == 2)
+        assert len(answers(dev, "offer")) == 1
+    finally:
+        await dev.close()
+
+
+HOSTILE = [
+    (b"\xff\x00garbage", "not_cbor"),
+    (cbor.dumps([1, 2, 3]), "not_a_map"),
+    (cbor.dumps({"v": 2, "op": "hello"}), "bad_version"),
+    (cbor.dumps({"v": 1, "op": "reboot"}), "unknown_op"),
+    (cbor.dumps({"v": 1, "op": "hello", "hw": HW, "ver": "1", "site": "s", "x": 1}), "unknown_field"),
+    (cbor.dumps({"v": 1, "op": "hello", "hw": HW, "ver": "1"}), "missing_field"),
+    (cbor.dumps({"v": 1, "op": "hello", "hw": HW, "ver": "1/../../x" * 20, "site": "s"}), "bad_field"),
+    (cbor.dumps({"v": 1, "op": "report", "st": "confirmed", "why": "", "seq": -1, "ref": GOOD}), "bad_field"),
+    (cbor.dumps({"v": 1, "op": "report", "st": "pwned", "why": "", "seq": 1, "ref": GOOD}), "bad_field"),
+    (b"\xa0" + b"\x00" * 600, "too_big"),
+    (ota.encode("report", st="confirmed", why="", seq=7, ref=GOOD), "unknown_device"),
+    (ota.encode("chunk", ref=GOOD, i=0), "not_offered"),
+]
+
+
+async def test_hostile_messages_are_refused_with_a_reason(cloud):
+    me = "globex/raw-2"
+    dev = await raw_device(cloud, me)
+    try:
+        for payload, _ in HOSTILE:
+            assert await dev.publish("t/%s/ota" % me, payload)
+        assert await wait_until(lambda: len(answers(dev, "error")) == len(HOSTILE)), answers(dev, "error")
+        assert [e["why"] for e in answers(dev, "error")] == [code for _, code in HOSTILE]
+        core = cloud.ota_service.core
+        assert core.counts["refused"] == len(HOSTILE)
+        assert [r["code"] for r in core.refusals] == [code for _, code in HOSTILE]
+        # The service goes on: a well-formed hello is welcomed.
+        assert await hello(dev, me)
+        assert await wait_until(lambda: answers(dev, "welcome"))
+        assert cloud.ops.device(me)["version"] == "1.0.0"
+    finally:
+        await dev.close()
+
+
+async def test_a_device_cannot_report_for_another_device(cloud):
+    me, other = "acme/raw-3", "acme/raw-4"
+    dev = await raw_device(cloud, me)
+    try:
+        # On the other device's topic: the broker's ACL stops it before the service.
+        dev.publish_nowait("t/%s/ota" % other, ota.encode("hello", hw=HW, ver="6.6.6", site="site-0"))
+        dev.publish_nowait("t/%s/ota" % other, ota.encode("report", st="confirmed", why="", seq=9, ref=GOOD))
+        # Its own topic still works, and arrives after (one connection, in order).
+        assert await hello(dev, me)
+        assert await wait_until(lambda: answers(dev, "welcome"))
+        core = cloud.ota_service.core
+        assert core.counts["hello"] == 1 and core.counts["report"] == 0
+        assert cloud.ops.device(other) is None
+        assert [d["device"] for d in cloud.ops.devices()] == [me]
+        # Nor can it read another device's updates (refused at SUBSCRIBE or at delivery).
+        await dev.subscribe("t/%s/update" % other)
+        cloud.ota_service.push(other, ota.encode("error", why="for-the-other", ref=""))
+        cloud.ota_service.push(me, ota.encode("error", why="for-me", ref=""))
+        assert await wait_until(lambda: answers(dev, "error"))
+        assert [e["why"] for e in answers(dev, "error")] == ["for-me"]
+        assert {t for t, _ in dev.messages} == {"t/%s/update" % me}
+    finally:
+        await dev.close()
+
+
+# ---------------------------------------------------------------- the format, fuzzed
+
+_DB = tempfile.mkdtemp(prefix="tether-ota-fuzz-")
+_CORE = None
+
+
+def fuzz_core():
+    global _CORE
+    if _CORE is None:
+        engine = Engine(os.path.join(_DB, "rollouts.db"), Policy())
+        engine.set_trust(ff.root_public_key(), 2, [HW], PEOPLE[0], 1)
+        _CORE = ota.OtaCore(engine)
+    return _CORE
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 63, 2 ** 64 - 1), st.text(max_size=80),
+                     st.binary(max_size=80), st.floats(allow_nan=False))
+_near_valid = st.fixed_dictionaries(
+    {"v": st.sampled_from([1, 1, 1, 0, 2, "1"]),
+     "op": st.sampled_from(["hello", "report", "chunk", "offer", "nope", 7])},
+    optional={"hw": st.one_of(st.just(HW), _scalars), "ver": st.one_of(st.just("1.0.0"), _scalars),
+              "site": st.one_of(st.just("site-0"), _scalars),
+              "st": st.one_of(st.sampled_from(rp.REPORTS), _scalars), "why": _scalars,
+              "seq": st.one_of(st.integers(0, 10), _scalars), "ref": st.one_of(st.just(GOOD), _scalars),
+              "i": st.one_of(st.integers(0, 500), _scalars), "extra": _scalars})
+_topics = st.one_of(st.just("t/acme/fuzz-1/ota"), st.just("t/acme/fuzz-1/update"), st.text(max_size=40),
+                    st.sampled_from(["t//x/ota", "t/a/b/c/ota", "ota", "t/acme/fuzz-2/ota"]))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(topic=_topics, payload=st.one_of(st.binary(max_size=700), _near_valid.map(cbor.dumps)))
+def test_any_message_is_handled_or_refused_never_a_crash(topic, payload):
+    core = fuzz_core()
+    refused = core.counts["refused"]
+    out = core.on_message(topic, payload, 1_800_000_000_000)
+    assert isinstance(out, list)
+    for t, p in out:
+        assert t.startswith("t/") and t.endswith("/update") and isinstance(p, bytes)
+        op, fields = ota.parse(p, ota.DOWN, ota.DOWN_BYTES_MAX)     # what we send parses strictly
+        if op == "error":
+            assert core.counts["refused"] == refused + 1 and core.refusals[-1]["code"] == fields["why"]
+    if core.counts["refused"] > refused:
+        assert core.refusals[-1]["code"] and core.refusals[-1]["code"] != "ota"
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.one_of(st.binary(max_size=5000), _near_valid.map(cbor.dumps)))
+def test_device_side_parse_accepts_or_refuses_with_a_code(payload):
+    try:
+        op, fields = ota.parse(payload, ota.DOWN, ota.DOWN_BYTES_MAX)
+    except ota.OtaError as e:
+        assert e.code in ("too_big", "not_cbor", "not_a_map", "bad_version", "unknown_op", "unknown_field",
+                          "missing_field", "bad_field", "bad_payload")
+    else:
+        assert op in ota.DOWN and set(fields) == set(ota.DOWN[op])
+
+
+def test_messages_round_trip_and_are_deterministic():
+    for op, fields in (("hello", {"hw": HW, "ver": "1.0.0", "site": "site-1"}),
+                       ("report", {"st": "trial", "why": "", "seq": 3, "ref": GOOD}),
+                       ("chunk", {"ref": GOOD, "i": 2})):
+        data = ota.encode(op, **fields)
+        assert ota.parse(data, ota.UP, ota.UP_BYTES_MAX) == (op, fields)
+        assert data == ota.encode(op, **dict(reversed(list(fields.items()))))
+    big = ota.encode("chunk", ref=GOOD, i=0, data=b"x" * 4096)
+    assert ota.parse(big, ota.DOWN, ota.DOWN_BYTES_MAX)[1]["data"] == b"x" * 4096
+    with pytest.raises(ota.OtaError) as e:
+        ota.parse(ota.encode("chunk", ref=GOOD, i=0, data=b"x" * 4097), ota.DOWN, ota.DOWN_BYTES_MAX)
+    assert e.value.code == "bad_field"
