@@ -84,6 +84,8 @@ class VirtualDevice:
         self.id_core = id_core
         self.id_board = id_board
         self.rotations = 0
+        self.recoveries = 0
+        self.recovering = None    # the task of a recovery through the claim endpoint
         if epoch_base:
             # A simulated device reusing a real identity must not repeat the
             # (epoch, seq) of an earlier run: start from a later epoch.
@@ -138,21 +140,20 @@ class VirtualDevice:
     # -- identity ---------------------------------------------------------------
 
     def feed_identity(self, event):
-        if self.id_core is None:
-            return
+        if self.id_core is None or self.recovering is not None:
+            return  # a recovery drives the identity core meanwhile
         try:
             actions = self.id_board.run(self.id_core, self.id_core.handle(event))
         except LocalError as e:
             self.fleet.core_errors.append("%s identity: %s" % (self.identity, e))
             return
-        for action in actions:
+        for i, action in enumerate(actions):
             if isinstance(action, Publish):
                 if self.link is not None:
                     self.publish(action, count=False)
             elif isinstance(action, UseIdentity) and action.name is None:
-                # Recovery goes through the claim endpoint, which the fleet's
-                # devices do not drive (simulator/enroller.py does): counted.
-                self.note("identity_recovery_needed", self.id_core.last_reason)
+                self.recover(actions[i:])
+                return
             elif isinstance(action, UseIdentity):
                 # A new certificate to prove: reconnect with it.
                 self.ssl_context = self.id_board.keystore.client_context(action.name, action.cert,
@@ -162,6 +163,37 @@ class VirtualDevice:
                     self.link.transport.abort()
             elif isinstance(action, Log):
                 self.note(action.code, action.detail)
+
+    def recover(self, actions):
+        """The certificate expired (or is refused): go to the claim endpoint
+        with the identity core (simulator/enroller.py), prove the key of the
+        old certificate, come back with a new one. Telemetry queues meanwhile."""
+        if self.fleet.claim is None:
+            self.note("identity_recovery_needed", self.id_core.last_reason)
+            return
+        from simulator.enroller import Enroller
+        endpoints, claim_files = self.fleet.claim
+        enroller = Enroller(self.id_core, self.id_board, endpoints, claim_files, self.fleet.now_ms,
+                            self.id_core.config.hwid)
+        self.recovering = self.fleet.loop.create_task(self._recover_when_up(enroller, actions))
+        self.recovering.add_done_callback(self._recovered)
+        self.note("identity_recovery", self.id_core.last_reason)
+
+    async def _recover_when_up(self, enroller, actions):
+        while not self.fleet.network_up:  # the claim endpoint is behind the same network
+            await asyncio.sleep(0.2)
+        return await enroller.run(timeout_s=120, actions=actions)
+
+    def _recovered(self, task):
+        self.recovering = None
+        if task.cancelled() or task.exception() is not None or not task.result():
+            self.note("identity_recovery_failed", "")
+            return
+        active = self.id_core.record["a"]
+        self.ssl_context = self.id_board.keystore.client_context(active["k"], active["cert"], self.fleet.cafile)
+        self.recoveries += 1
+        if self.link is not None:
+            self.link.transport.abort()
 
     def on_tick(self):
         self.tick_handle = None
@@ -213,6 +245,9 @@ class VirtualDevice:
             if self.pending is not None:
                 self.pending.abort()  # it may have finished TLS just as we gave up
             self.lost("connect failed: %s" % (e.__class__.__name__,))
+            if isinstance(e, ssl.SSLError):  # TLS refused our certificate: the identity core decides
+                from simulator.enroller import refusal_reason
+                self.feed_identity(events.Refused(self.fleet.now_ms(), refusal_reason(e)))
             return
         if not self.fleet.network_up and self.pending is not None:
             self.pending.abort()  # the network was cut while we connected

@@ -66,6 +66,7 @@ class Fleet:
         self.t0 = time.monotonic()
         self.sampling = False
         self.cafile = cafile
+        self.claim = None  # (endpoints, claim files): lets enrolled devices recover an expired identity
         self.devices = []
         for i, cred in enumerate(credentials):
             dev_config = config(i) if callable(config) else config
@@ -161,6 +162,8 @@ class Fleet:
                     link.abort()
             if dev.task is not None and not dev.task.done():
                 dev.task.cancel()
+            if dev.recovering is not None:
+                dev.recovering.cancel()
         await asyncio.sleep(0.1)
 
     # -- numbers ----------------------------------------------------------------

@@ -90,7 +90,7 @@ class ProvisionDrill:
         self.claim = self.cloud.add_claim_batch(BATCH, self.count, OPERATOR, "demo factory batch")
         for i in range(self.count):
             approval = self.approval_every and i % self.approval_every == self.approval_every // 2
-            short = self.short_cert_s and self.short_every and i % self.short_every == 1
+            short = self.short_cert_s and self.short_every and i % self.short_every == 1 % self.short_every
             self.cloud.provisioning.allow(self.hwid(i), BATCH, self.tenants[i % len(self.tenants)],
                                           "dev-%05d" % i, "site-%d" % (i % 4), OPERATOR,
                                           approval=bool(approval), cert_s=self.short_cert_s if short else None)
