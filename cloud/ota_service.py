@@ -23,10 +23,10 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from agent import cbor
 from agent import manifest as mf
-from agent.errors import CBORError
-from cloud import rollout_plan as rp
+from agent import ota_wire
+from agent.ota_wire import (DOWN, DOWN_BYTES_MAX, REASON_CHARS_MAX, SEQ_END, TEXT_CHARS_MAX, UP,  # noqa: F401
+                            UP_BYTES_MAX, VERSION, WireError, encode)
 from cloud.ca import OTA_IDENTITY
 from cloud.errors import CloudError
 from cloud.rollout import Engine, Policy
@@ -35,32 +35,11 @@ from cloud.rollout_plan import RolloutError
 
 log = logging.getLogger("tether.ota")
 
-VERSION = 1
-UP_BYTES_MAX = 512                  # a device message (hello, report, chunk request)
-DOWN_BYTES_MAX = mf.BUNDLE_BYTES_MAX + 256
-TEXT_CHARS_MAX = 64                 # hw class, version, site, ref
-REASON_CHARS_MAX = 200
-SEQ_END = 1 << 32
 REPORTS_KEPT_MAX = 10000            # recent reports kept in memory (the engine keeps the record)
 REFUSALS_KEPT_MAX = 1000            # recent refusals kept in memory (every one is logged)
 RELEASES_CACHED_MAX = 8             # (bundle, payload) kept in memory for serving
 TICK_S_DEFAULT = 1.0
 START_TIMEOUT_S = 10.0
-_TEXT_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-+:/@"
-
-# op -> {field: kind}; every field is required and no other is allowed.
-UP = {
-    "hello": {"hw": "name", "ver": "name", "site": "name"},
-    "report": {"st": "status", "why": "reason", "seq": "seq", "ref": "ref"},
-    "chunk": {"ref": "name", "i": "index"},
-}
-DOWN = {
-    "offer": {"ref": "name", "bundle": "bundle"},
-    "chunk": {"ref": "name", "i": "index", "data": "data"},
-    "cancel": {"ref": "name", "why": "reason"},
-    "error": {"why": "name", "ref": "ref"},
-    "welcome": {"now": "ms"},
-}
 
 
 class OtaError(CloudError):
@@ -70,67 +49,12 @@ class OtaError(CloudError):
 
 # ---------------------------------------------------------------- the format
 
-def encode(op, **fields):
-    """One message (either direction) as deterministic CBOR."""
-    msg = dict(fields, v=VERSION, op=op)
-    return cbor.dumps(msg)
-
-
 def parse(payload, table, bytes_max):
-    """(op, fields) of a message, strictly: size first, then CBOR, then the
-    op's exact fields and their kinds. OtaError(code) otherwise."""
-    if not isinstance(payload, (bytes, bytearray)):
-        raise OtaError("payload must be bytes", "bad_payload")
-    if len(payload) > bytes_max:
-        raise OtaError("%d bytes is over %d" % (len(payload), bytes_max), "too_big")
+    """agent/ota_wire.py's parse, refusals as OtaError (the cloud's errors)."""
     try:
-        msg = cbor.loads(bytes(payload))
-    except CBORError as e:
-        raise OtaError("not CBOR: %s" % e, "not_cbor")
-    if not isinstance(msg, dict):
-        raise OtaError("a message is a CBOR map", "not_a_map")
-    if msg.get("v") != VERSION:
-        raise OtaError("format version %r, expected %d" % (msg.get("v"), VERSION), "bad_version")
-    op = msg.get("op")
-    if not isinstance(op, str) or op not in table:
-        raise OtaError("unknown op %r" % (op,), "unknown_op")
-    kinds = table[op]
-    for name in msg:
-        if name not in kinds and name not in ("v", "op"):
-            raise OtaError("%s has unknown field %r" % (op, name), "unknown_field")
-    fields = {}
-    for name in sorted(kinds):
-        if name not in msg:
-            raise OtaError("%s has no %r" % (op, name), "missing_field")
-        if not _ok(msg[name], kinds[name]):
-            raise OtaError("%s field %r has a bad value" % (op, name), "bad_field")
-        fields[name] = msg[name]
-    return op, fields
-
-
-def _ok(value, kind):
-    if kind in ("name", "ref"):
-        if not isinstance(value, str) or len(value) > TEXT_CHARS_MAX:
-            return False
-        if kind == "name" and not value:
-            return False
-        return all(c in _TEXT_CHARS for c in value)
-    if kind == "reason":
-        return isinstance(value, str) and len(value) <= REASON_CHARS_MAX and \
-            all(32 <= ord(c) < 127 for c in value)
-    if kind == "status":
-        return value in rp.REPORTS
-    if kind == "ms":
-        return type(value) is int and 0 <= value < 1 << 53
-    if kind == "seq":
-        return type(value) is int and 0 <= value < SEQ_END
-    if kind == "index":
-        return type(value) is int and 0 <= value < mf.CHUNKS_MAX
-    if kind == "bundle":
-        return isinstance(value, bytes) and 0 < len(value) <= mf.BUNDLE_BYTES_MAX
-    if kind == "data":
-        return isinstance(value, bytes) and len(value) <= mf.CHUNK_BYTES
-    return False
+        return ota_wire.parse(payload, table, bytes_max)
+    except WireError as e:
+        raise OtaError(e.message, e.code)
 
 
 def device_of(topic, kind="ota"):

@@ -25,7 +25,8 @@ from agent import updater as up
 from agent.actions import Publish
 from agent.errors import LocalError
 from board.slots import BOOT_STATE, SLOT_NAMES, SimSlots
-from cloud.ota_service import DOWN, DOWN_BYTES_MAX, REASON_CHARS_MAX, OtaError, encode, parse
+from agent.ota_wire import DOWN, DOWN_BYTES_MAX, REASON_CHARS_MAX, encode, parse
+from agent.ota_wire import WireError as OtaError  # the device parses with the portable code
 from simulator import firmware_faults as ff
 
 BOOTS_MAX = 3                # a crash on boot costs one boot; the bootloader rolls back on the next
