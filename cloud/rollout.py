@@ -25,6 +25,7 @@ plan format is described there and in docs/rollouts.md.
 import json
 import sqlite3
 
+from cloud import db
 from cloud import rollout_plan as rp
 from cloud.rollout_actions import Cancel, Offer
 from cloud.rollout_release import MIN_VALIDITY_S_DEFAULT, check_release
@@ -109,11 +110,8 @@ class Policy:
 class Engine:
     def __init__(self, db_path, policy=None):
         self.policy = policy or Policy()
-        self._db = sqlite3.connect(db_path, isolation_level=None, timeout=10,
-                                   check_same_thread=False)
+        self._db = db.connect(db_path)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
 
     def close(self):
@@ -121,14 +119,7 @@ class Engine:
 
     def _atomic(self, fn):
         """fn() in one transaction: a state change, its records and its actions land together."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        return result
+        return db.atomic(self._db, fn)
 
     def _rows(self, sql, args=()):
         return [dict(row) for row in self._db.execute(sql, args)]
