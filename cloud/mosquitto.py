@@ -130,28 +130,7 @@ def config_text(data_dir, host, port, ca_path, cert_path, key_path,
         # One packet can never make Mosquitto buffer more than this (the
         # embedded broker has the same bound: cloud/broker.py PACKET_MAX_BYTES).
         "max_packet_size %d" % PACKET_MAX_BYTES,
-        "log_dest file %s" % os.path.join(data_dir, LOG_FILE),
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
-        "connection_messages true",
-        "log_timestamp true",
-    ]
-    if os.geteuid() == 0:
-        # As root mosquitto would switch to user "mosquitto", which cannot
-        # read our 0600 keys or write the data dir.
-        lines.append("user root")
-    lines += [
-        "",
-        "listener %d %s" % (port, host),
-        "cafile %s" % ca_path,
-        "certfile %s" % cert_path,
-        "keyfile %s" % key_path,
-        "require_certificate true",
-        "use_identity_as_username true",
-        "tls_version tlsv1.2",
-    ]
+    ] + _log_and_user(data_dir) + _tls_listener(port, host, ca_path, cert_path, key_path)
     if client_id_from_identity:
         lines.append("use_username_as_clientid true")
     if crl_path is not None:
@@ -173,26 +152,26 @@ def prov_config_text(data_dir, host, port, claim_ca_path, cert_path, key_path):
         "acl_file %s" % os.path.join(data_dir, ACL_FILE),
         "persistence false",
         "max_packet_size %d" % PACKET_MAX_BYTES,
-        "log_dest file %s" % os.path.join(data_dir, LOG_FILE),
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "connection_messages true",
-        "log_timestamp true",
-    ]
-    if os.geteuid() == 0:
-        lines.append("user root")
-    lines += [
-        "",
-        "listener %d %s" % (port, host),
-        "cafile %s" % claim_ca_path,
-        "certfile %s" % cert_path,
-        "keyfile %s" % key_path,
-        "require_certificate true",
-        "use_identity_as_username true",
-        "tls_version tlsv1.2",
-    ]
+    ] + _log_and_user(data_dir) + _tls_listener(port, host, claim_ca_path, cert_path, key_path)
     return "\n".join(lines) + "\n"
+
+
+def _log_and_user(data_dir):
+    lines = ["log_dest file %s" % os.path.join(data_dir, LOG_FILE)]
+    lines += ["log_type %s" % t for t in ("error", "warning", "notice", "information")]
+    lines += ["connection_messages true", "log_timestamp true"]
+    if os.geteuid() == 0:
+        # As root mosquitto would switch to user "mosquitto", which cannot
+        # read our 0600 keys or write the data dir.
+        lines.append("user root")
+    return lines
+
+
+def _tls_listener(port, host, ca_path, cert_path, key_path):
+    """An mTLS listener that trusts only `ca_path`; identity = certificate CN."""
+    return ["", "listener %d %s" % (port, host), "cafile %s" % ca_path, "certfile %s" % cert_path,
+            "keyfile %s" % key_path, "require_certificate true", "use_identity_as_username true",
+            "tls_version tlsv1.2"]
 
 
 PROV_ACL = (
