@@ -14,7 +14,6 @@ of running a command that was not recorded.
 """
 
 import os
-import select
 
 from agent import auditlog
 from agent import console as core
@@ -76,14 +75,16 @@ class ConsolePort:
         while not stop.is_set():
             self.poll()
 
-    def poll(self):
+    def poll(self, work_ticks_max=WORK_TICKS_MAX):
         """Read what has arrived (waiting at most the stream's timeout), feed
-        each line to the console, then a tick; run the resulting actions."""
+        each line to the console, then a tick; run the resulting actions. A
+        stepped signature check is finished now, in up to work_ticks_max more
+        ticks (a small board passes 0 and lets its main loop step it)."""
         data = self._read()
         for line in self.reader.feed(data):
             self.run(self.console.feed(core.Line(line, self.clock.ticks_ms(), self._time_s())))
         self.run(self.console.feed(core.Tick(self.clock.ticks_ms(), self._time_s())))
-        for _ in range(WORK_TICKS_MAX):     # a stepped signature check: finish it now
+        for _ in range(work_ticks_max):     # a stepped signature check: finish it now
             if not self.console.busy():
                 break
             self.run(self.console.feed(core.Tick(self.clock.ticks_ms(), self._time_s())))
@@ -127,6 +128,7 @@ class PtyStream:
         self.timeout_s = timeout_s
 
     def read(self, n):
+        import select  # here, not at the top: this module also runs on MicroPython (board/esp32_console.py)
         ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
         if not ready:
             return b""
