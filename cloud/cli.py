@@ -23,10 +23,14 @@ def build_parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="end-to-end run on embedded defaults; writes summary.json and report.html",
-                       description="Start the reference cloud (embedded mTLS broker, SQLite), issue a "
-                       "certificate per virtual device, run every device as a real agent, cut the network "
-                       "for all of them and restart the broker part-way, drain, verify, and write "
-                       "OUT/summary.json and OUT/report.html. Exits 1 if any check fails.")
+                       description="Start the reference cloud (mTLS broker, SQLite), enroll every virtual "
+                       "device by claim (each makes its own key; a tenth wait for operator approval), run "
+                       "every device as the real agent: telemetry through a network cut and a broker "
+                       "restart, certificate rotation, quarantine, revocation, and attacks on each control; "
+                       "then a staged firmware rollout (a bad release that must halt in its canary, a good "
+                       "one to the whole fleet, attacks on the update channel) and field console sessions "
+                       "with their attacks. Drains, verifies, and writes OUT/summary.json and "
+                       "OUT/report.html. Exits 1 if any check fails.")
     d.add_argument("--devices", type=int, default=200, help="virtual devices (default 200)")
     d.add_argument("--duration", type=float, default=40.0, help="seconds of sampling (default 40)")
     d.add_argument("--out", default="tether-out", help="output directory (default ./tether-out)")

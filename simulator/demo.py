@@ -1,5 +1,9 @@
 """`tether demo`: the reference cloud and a fleet of virtual devices in one
-process, with a network cut and a broker restart part-way, then a drain,
+process. The fleet enrolls by claim (simulator/provision_drill.py), runs
+telemetry through a network cut and a broker restart while identities are
+rotated, quarantined, revoked and attacked (hostile.py, identity_drill.py),
+then takes a staged firmware rollout (ota_drill.py); console sessions run
+on devices that upload their audit chains (console_fleet.py). Then a drain,
 cloud-side verification, summary.json and report.html."""
 
 import asyncio
