@@ -103,6 +103,18 @@ class SlotRead(Value):
         self.data = data
 
 
+class Cancel(Value):
+    """The cloud withdrew the release `ref` (a rollout paused, halted or
+    killed): a download of it under way is abandoned, reported rejected
+    "cancelled"; the running slot is untouched. Any other state ignores it
+    (past the download the device finishes: the read-back is short, and
+    from "verified" on the image is whole and checked)."""
+    __slots__ = ("ref",)
+
+    def __init__(self, ref):
+        self.ref = ref
+
+
 class Healthy(Value):
     """acked_count telemetry records acknowledged since this boot."""
     __slots__ = ("acked_count", "now_ms")
@@ -263,11 +275,12 @@ TRANSITIONS = {
     (REJECTED, Offer): "_offer",
     (DOWNLOADING, Chunk): "_chunk",
     (DOWNLOADING, Offer): "_rerequest",
+    (DOWNLOADING, Cancel): "_cancel",
     (CHECKING, SlotRead): "_slot_read",
     (TRIAL, Healthy): "_healthy",
     (TRIAL, Tick): "_tick",
 }
-_IGNORED = (Chunk, Healthy, Tick, Offer)   # late or repeated network input elsewhere
+_IGNORED = (Chunk, Healthy, Tick, Offer, Cancel)   # late or repeated network input elsewhere
 
 # The fields each event must carry, checked before any transition.
 _EVENT_FIELDS = {
@@ -277,6 +290,7 @@ _EVENT_FIELDS = {
     SlotRead: (("offset", "uint"), ("data", "bytes")),
     Healthy: (("acked_count", "uint"), ("now_ms", "uint")),
     Tick: (("now_ms", "uint"),),
+    Cancel: (("ref", "ref"),),
 }
 
 
@@ -447,6 +461,11 @@ class Updater:
         self._verifier = None
         self.state = INSTALLED
         return self._save(self.boot.copy(phase=INSTALLED)) + [Reboot()]
+
+    def _cancel(self, event):
+        if event.ref != self.boot.ref:
+            return []  # about another release: not ours to drop
+        return self._reject("cancelled")
 
     def _reject(self, reason, ref=None):
         self._verifier = None

@@ -228,7 +228,9 @@ class OtaDevice:
             self.welcomed = True
         elif op == "error":
             self.errors[f["why"]] = self.errors.get(f["why"], 0) + 1
-        # "cancel": the updater cannot abandon a download; the cloud stops serving it instead.
+        elif op == "cancel":
+            if self.updater is not None:
+                self.run(self.handle(up.Cancel(f["ref"])))
 
     def tick(self):
         """Called with every telemetry sample: the watchdog, and the trial's health."""

@@ -238,6 +238,23 @@ def test_resume_after_power_cut_mid_download_from_cursor():
     assert device.slots.read_slot(1) == NEW_BIN
 
 
+def test_a_cancelled_download_is_abandoned_and_the_running_slot_kept():
+    device = Device()
+    device.power_on()
+    device.feed(up.Offer(NEW_BUNDLE, NOW_MS, "rel-2"))
+    device.feed(up.Chunk(0, chunks(NEW_BIN)[0]))
+    device.feed(up.Cancel("rel-other"))     # about another release: ignored
+    assert device.state == up.DOWNLOADING
+    device.feed(up.Cancel("rel-2"))         # the rollout was halted: withdrawn
+    assert device.state == up.REJECTED and device.reports[-1][:2] == ("rejected", "cancelled")
+    assert device.boot_state().active == 0
+    device.feed(up.Chunk(1, chunks(NEW_BIN)[1]))   # a late chunk changes nothing
+    device.feed(up.Cancel("rel-2"))                # nor a repeated cancel
+    assert device.state == up.REJECTED
+    device.power_on()
+    assert device.boots[-1] == (0, "1.0.0")
+
+
 def test_torn_chunk_written_before_a_cut_is_caught_by_the_read_back():
     """Chunk 1 reached the slot and the cursor moved past it, then the flash
     lost part of it (a torn page, a write cache lost in the cut). The resumed

@@ -79,6 +79,7 @@ events = st.one_of(
                                      garbage), chunk_data),
     st.builds(up.Healthy, st.one_of(st.integers(-1, 10), garbage), now_ms),
     st.builds(up.Tick, now_ms),
+    st.builds(up.Cancel, st.one_of(st.sampled_from(["", "rel-1"]), garbage)),
     garbage,                                          # not an event at all
     st.sampled_from([up.Reboot(), up.RequestChunk(0), object()]),
 )
@@ -120,7 +121,7 @@ def test_event_sequences_keep_the_invariant(state, sequence):
 def test_each_state_with_each_well_formed_event_kind(state):
     """The table, exhaustively: for each pair, which outcome (no Hypothesis)."""
     kinds = [up.Booted(0, None), up.Offer(b"x", NOW_MS), up.Chunk(1, PARTS[1]),
-             up.SlotRead(0, PARTS[0]), up.Healthy(3, NOW_MS), up.Tick(NOW_MS)]
+             up.SlotRead(0, PARTS[0]), up.Healthy(3, NOW_MS), up.Tick(NOW_MS), up.Cancel("")]
     for event in kinds:
         u = machine(state)
         accepted = (state, type(event)) in up.TRANSITIONS
