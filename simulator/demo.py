@@ -34,11 +34,7 @@ def fleet_config(i):
 async def run_demo(args):
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    cloud_dir = os.path.join(out, "cloud")
-    for name in ("tether.db", "rollouts.db", "rollouts.db-wal", "rollouts.db-shm"):
-        if os.path.exists(os.path.join(cloud_dir, name)):
-            os.remove(os.path.join(cloud_dir, name))  # fresh records for a fresh run
-    cloud = Cloud(cloud_dir, broker=args.broker)
+    cloud = fresh_cloud(os.path.join(out, "cloud"), args.broker)
     view = live.Progress(quiet=args.quiet)
     view.say("starting the reference cloud (%s broker, mTLS) on ports %d (devices) and %d (provisioning)"
              % (cloud.kind, cloud.port, cloud.prov_port))
@@ -58,25 +54,7 @@ async def run_demo(args):
         fleet = Fleet(creds, cloud.ca_path, cloud.host, cloud.port, seed=args.seed,
                       config=fleet_config, progress=view.update)
         fleet.claim = (cloud.endpoints(), provisioning.claim)  # an expired identity recovers by claim
-        cut_at, cut_for = 0.3 * d, max(4.0, 0.15 * d)
-        restart_at = 0.65 * d
-        marks = [(cut_at, cut_at + cut_for, "network cut"), (restart_at, restart_at + 1.5, "broker restart")]
-
-        def cut():
-            view.say("fault: cutting the network of every device for %.0f s" % cut_for)
-            fleet.cut_network()
-            # On a timer, not a run_for event: those are awaited in turn, and a slow
-            # one (an attack) would keep the network down past its time.
-            fleet.loop.call_later(cut_for, restore)
-
-        def restore():
-            view.say("fault cleared: network back")
-            fleet.restore_network()
-
-        async def restart():
-            view.say("fault: restarting the broker")
-            await cloud.restart_broker(down_s=1.5)
-            view.say("broker back")
+        faults, marks, fault_summary = fault_events(cloud, fleet, view, d)
 
         # Every device runs the update machine on its flash (simulator/ota_device.py).
         firmware = ota_drill.OtaDrill(cloud, fleet, seed=args.seed, say=view.say)
@@ -86,9 +64,8 @@ async def run_demo(args):
         fleet.start()
         attacks = hostile.Attacks(cloud, creds[0])
         drill = identity_drill.RevocationDrill(cloud)
-        events = [(cut_at, cut), (restart_at, restart),
-                  (0.45 * d, quarantine.run), (0.5 * d, attacks.run), (0.55 * d, drill.run),
-                  (0.6 * d, lambda: provisioning.attack(victim))]
+        events = faults + [(0.45 * d, quarantine.run), (0.5 * d, attacks.run), (0.55 * d, drill.run),
+                           (0.6 * d, lambda: provisioning.attack(victim))]
         await fleet.run_for(d, events)
         view.say("telemetry phases done; firmware updates through the broker")
         await firmware.run()
@@ -106,17 +83,10 @@ async def run_demo(args):
         view.say("field console: sessions, attacks, audit chains uploaded and checked")
         console, console_checks = await console_fleet.run_console_fleet(cloud, devices=5, seed=args.seed)
         summary["checks"] += [c.as_dict() for c in console_checks]
-        counts = cloud.provisioning.counts()
-        summary["identity"] = dict({"provisioned": counts["provisioned"], "rotated": counts["rotated"],
-                                    "quarantined": len(cloud.registry.quarantined())},
-                                   **drill.section(), **attacks.identity_counts(cloud))
-        for tried, refused in (drill.attacks(), provisioning.attack_counts(victim)):
-            summary["identity"]["attacks_tried"] += tried
-            summary["identity"]["attacks_refused"] += refused
+        summary["identity"] = identity_section(cloud, drill, attacks, provisioning, victim)
         summary["console"] = console
         summary.update(firmware.sections())
-        summary["faults"] = {"network_cut_s": cut_for, "network_cut_at_s": round(cut_at, 1),
-                             "broker_restart_at_s": round(restart_at, 1)}
+        summary["faults"] = fault_summary
         summary["broker"] = cloud.kind
         summary["seed"] = args.seed
         await fleet.close()
@@ -129,6 +99,53 @@ async def run_demo(args):
         f.write(render(summary, fleet.metrics.timeline, marks, title="tether demo",
                        versions=firmware.series(), version_marks=firmware.marks))
     return summary
+
+
+def fresh_cloud(cloud_dir, broker):
+    """The cloud in OUT/cloud: its CAs are kept from run to run, its records are not."""
+    for name in ("tether.db", "rollouts.db", "rollouts.db-wal", "rollouts.db-shm"):
+        if os.path.exists(os.path.join(cloud_dir, name)):
+            os.remove(os.path.join(cloud_dir, name))
+    return Cloud(cloud_dir, broker=broker)
+
+
+def fault_events(cloud, fleet, view, d):
+    """A network cut of every device and a broker restart, as run_for events
+    -> (events, report marks, the summary's "faults")."""
+    cut_at, cut_for = 0.3 * d, max(4.0, 0.15 * d)
+    restart_at = 0.65 * d
+
+    def cut():
+        view.say("fault: cutting the network of every device for %.0f s" % cut_for)
+        fleet.cut_network()
+        # On a timer, not a run_for event: those are awaited in turn, and a slow
+        # one (an attack) would keep the network down past its time.
+        fleet.loop.call_later(cut_for, restore)
+
+    def restore():
+        view.say("fault cleared: network back")
+        fleet.restore_network()
+
+    async def restart():
+        view.say("fault: restarting the broker")
+        await cloud.restart_broker(down_s=1.5)
+        view.say("broker back")
+
+    marks = [(cut_at, cut_at + cut_for, "network cut"), (restart_at, restart_at + 1.5, "broker restart")]
+    summary = {"network_cut_s": cut_for, "network_cut_at_s": round(cut_at, 1),
+               "broker_restart_at_s": round(restart_at, 1)}
+    return [(cut_at, cut), (restart_at, restart)], marks, summary
+
+
+def identity_section(cloud, drill, attacks, provisioning, victim):
+    counts = cloud.provisioning.counts()
+    section = dict({"provisioned": counts["provisioned"], "rotated": counts["rotated"],
+                    "quarantined": len(cloud.registry.quarantined())},
+                   **drill.section(), **attacks.identity_counts(cloud))
+    for tried, refused in (drill.attacks(), provisioning.attack_counts(victim)):
+        section["attacks_tried"] += tried
+        section["attacks_refused"] += refused
+    return section
 
 
 class QuarantineDrill:
