@@ -77,8 +77,8 @@ TRANSITIONS = {
     (ENROLLED, Message): "_confirm_answer",
     (ENROLLED, RotateNow): "_rotate_now",
 }
-# Link events any state takes in its stride (they only track connectivity),
-# and messages outside WAITING (late or replayed answers) are ignored.
+# Link events any state takes in its stride (they only track connectivity);
+# messages other than an awaited answer (late, replayed) are ignored.
 _LINK_EVENTS = (Connected, ConnectionLost, Refused)
 
 
@@ -267,7 +267,7 @@ class Identity:
         return None if active is None else active["id"]
 
     def cloud_ms(self, now_ms):
-        """Our best idea of the cloud's clock; never goes backwards."""
+        """Our best idea of the cloud's clock: never behind the last answer's."""
         t = now_ms + self.record.get("off", 0)
         return t if t > self.record.get("t", 0) else self.record.get("t", 0)
 
@@ -299,19 +299,17 @@ class Identity:
         self.state = ERROR
         raise LocalError("%s is not allowed in state %s" % (type(event).__name__, prior), "bad_transition")
 
-    def _begin(self, purpose):
+    def _begin(self, purpose, reuse=False):
         self.purpose = purpose
         active = self.record.get("a")
         self.slot = SLOTS[1] if active is not None and active["k"] == SLOTS[0] else SLOTS[0]
         self.state = KEYGEN
-        return [MakeKey(self.slot)]
+        return [MakeKey(self.slot, reuse)]
 
     def _claim(self, event):
         if event.now_ms < self.retry_at_ms:
             return []
-        actions = self._begin(OP_CLAIM)
-        actions[-1].reuse = True  # the cloud may have certified this key already (a lost answer)
-        return actions
+        return self._begin(OP_CLAIM, reuse=True)  # the cloud may have certified this key already
 
     def _key_made(self, event):
         if event.name != self.slot or not isinstance(event.csr, bytes) or not 0 < len(event.csr) <= CSR_BYTES_MAX:

@@ -179,8 +179,6 @@ def is_service_topic(topic):
                                 (parts[0] == "t" and parts[3] in SERVICE_TOPICS))
 
 
-is_enrollment_topic = is_service_topic
-
 
 def server_context(ca_path, cert_path, key_path):
     """mTLS server context: our CA only, client certificate required, TLS >= 1.2."""

@@ -35,7 +35,6 @@ CLAIMS_IDENTITY = "$cloud/claims"            # on the provisioning listener (cla
 OTA_IDENTITY = "$cloud/ota"                  # offers and chunks out, update reports in
 SUPPORT_IDENTITY = "$cloud/support"          # console audit logs in, grant revocations out
 SERVICE_IDENTITIES = (PROVISIONER_IDENTITY, CLAIMS_IDENTITY, OTA_IDENTITY, SUPPORT_IDENTITY)
-PROVISIONER_IDENTITIES = (PROVISIONER_IDENTITY, CLAIMS_IDENTITY)
 CLOUD_PREFIX = "$cloud/"
 # A factory claim certificate (one per batch) has CN "claim:<batch>"; it is
 # issued by a separate claim CA that only the provisioning endpoint trusts.

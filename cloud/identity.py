@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY, identity TEXT NOT NULL, issued_ms INTEGER NOT NULL,
     purpose TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS certificates_by_identity ON certificates (identity);
+CREATE TABLE IF NOT EXISTS retired_certs (
+    serial TEXT PRIMARY KEY, identity TEXT NOT NULL, reason TEXT NOT NULL, retired_ms INTEGER NOT NULL);
 """
 
 AUDIT_ROWS_MAX = 10_000
@@ -130,11 +132,9 @@ class Registry:
     def revoked_serials(self):
         """Every serial of a revoked identity, and every certificate retired
         by a rotation (cloud/provision.py): what the CRL lists."""
-        serials = [int(row[0], 16) for row in self._db.execute(
-            "SELECT serial FROM certificates WHERE identity IN (SELECT identity FROM revocations)")]
-        if self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'retired_certs'").fetchone():
-            serials += [int(row[0], 16) for row in self._db.execute("SELECT serial FROM retired_certs")]
-        return serials
+        return [int(row[0], 16) for row in self._db.execute(
+            "SELECT serial FROM certificates WHERE identity IN (SELECT identity FROM revocations)"
+            " UNION SELECT serial FROM retired_certs")]
 
     # -- revocation -------------------------------------------------------------
 

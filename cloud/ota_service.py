@@ -25,8 +25,7 @@ import paho.mqtt.client as mqtt
 
 from agent import manifest as mf
 from agent import ota_wire
-from agent.ota_wire import (DOWN, DOWN_BYTES_MAX, REASON_CHARS_MAX, SEQ_END, TEXT_CHARS_MAX, UP,  # noqa: F401
-                            UP_BYTES_MAX, VERSION, WireError, encode)
+from agent.ota_wire import REASON_CHARS_MAX, UP, UP_BYTES_MAX, WireError, encode
 from cloud.ca import OTA_IDENTITY
 from cloud.errors import CloudError
 from cloud.rollout import Engine, Policy

@@ -27,7 +27,6 @@ import hashlib
 import json
 import time
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
@@ -54,8 +53,6 @@ CREATE TABLE IF NOT EXISTS device_certs (
     key_sha256 TEXT NOT NULL, issued_ms INTEGER NOT NULL, not_after_ms INTEGER NOT NULL,
     how TEXT NOT NULL, state TEXT NOT NULL, der BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS device_certs_by_identity ON device_certs (identity);
-CREATE TABLE IF NOT EXISTS retired_certs (
-    serial TEXT PRIMARY KEY, identity TEXT NOT NULL, reason TEXT NOT NULL, retired_ms INTEGER NOT NULL);
 """
 
 SYSTEM = "cloud"               # audit actor of decisions the provisioning service makes
@@ -195,9 +192,6 @@ class Provisioning:
         return {"provisioned": got.get("claim", 0), "rotated": got.get("rotate", 0),
                 "recovered": got.get("recover", 0)}
 
-    def retired_serials(self):
-        return [int(row[0], 16) for row in self.db.execute("SELECT serial FROM retired_certs")]
-
     # -- device side --------------------------------------------------------------
 
     def on_claim(self, claim_identity, hwid, payload):
@@ -279,7 +273,7 @@ class Provisioning:
                            site=site, caps=msg.get("caps"))
 
     def _recover(self, batch, hwid, msg):
-        self._allowed(batch, hwid)
+        cert_s = self._allowed(batch, hwid)[4]
         row = self.db.execute("SELECT identity, state FROM enrollments WHERE hwid = ?", (hwid,)).fetchone()
         if row is None or row[1] != ISSUED:
             raise Refusal("not_enrolled")
@@ -309,8 +303,7 @@ class Provisioning:
             (identity, key_hash)).fetchone()
         if again is not None:  # a retry (or a replay): the same certificate, not a new one
             return ("issued", identity, bytes(again[0]), again[1], again[2])
-        entry = self._allowed(batch, hwid)
-        return self._issue(identity, public_key, key_hash, entry[4], "recover", hwid=hwid)
+        return self._issue(identity, public_key, key_hash, cert_s, "recover", hwid=hwid)
 
     def _rotate(self, identity, msg):
         self._not_revoked(identity)
@@ -348,8 +341,7 @@ class Provisioning:
                                    " AND serial NOT IN (SELECT serial FROM retired_certs)",
                                    (identity, serial_in_use)).fetchall()
             for (serial,) in olds:
-                self.db.execute("INSERT OR IGNORE INTO retired_certs VALUES (?, ?, ?, ?)",
-                                (serial, identity, "superseded by %s" % row[2], self.clock_ms()))
+                self._retire(serial, identity, "superseded by %s" % row[2])
             if row[1] != CERT_ACTIVE:
                 self.registry.audit(SYSTEM, row[2] if row[2] != "claim" else "provision_proven", identity,
                                     "device connected with its new certificate",
@@ -381,6 +373,11 @@ class Provisioning:
         if row[0] != batch:
             raise Refusal("wrong_batch")
         return row[1], row[2], row[3], bool(row[4]), row[5]
+
+    def _retire(self, serial, identity, reason):
+        """Put a certificate on the CRL (cloud/identity.py revoked_serials)."""
+        self.db.execute("INSERT OR IGNORE INTO retired_certs VALUES (?, ?, ?, ?)",
+                        (serial, identity, reason, self.clock_ms()))
 
     def _not_revoked(self, identity):
         if identity in self.registry.revoked():
@@ -419,8 +416,7 @@ class Provisioning:
                         (identity, CERT_ISSUED)).fetchall():
                     self.db.execute("UPDATE device_certs SET state = ? WHERE fingerprint = ?",
                                     (CERT_RETIRED, old_fp))
-                    self.db.execute("INSERT OR IGNORE INTO retired_certs VALUES (?, ?, ?, ?)",
-                                    (serial, identity, "abandoned before it was proven", self.clock_ms()))
+                    self._retire(serial, identity, "abandoned before it was proven")
             self.db.execute("INSERT INTO device_certs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (_fingerprint(cert), identity, format(cert.serial_number, "x"), key_hash,
                              issued_ms, not_after_ms, how, CERT_ISSUED, der))

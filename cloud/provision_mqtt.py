@@ -20,17 +20,12 @@ import threading
 import paho.mqtt.client as mqtt
 
 from cloud.ca import CLAIMS_IDENTITY, PROVISIONER_IDENTITY
-from cloud.errors import CloudError
 from cloud.identity import Registry
-from cloud.provision import Provisioning
+from cloud.provision import ProvisionError, Provisioning
 
 log = logging.getLogger("tether.provision")
 
 START_TIMEOUT_S = 10.0
-
-
-class ProvisionError(CloudError):
-    code = "provision_service"
 
 
 class _Client:
@@ -97,7 +92,8 @@ class ProvisionService:
         for c in self.clients:
             if not await loop.run_in_executor(None, c.subscribed.wait, timeout_s):
                 await self.stop()
-                raise ProvisionError("%s not subscribed within %.0f s" % (c.name, timeout_s))
+                raise ProvisionError("%s not subscribed within %.0f s" % (c.name, timeout_s),
+                                     "provision_service")
 
     async def stop(self):
         import asyncio

@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import os
-import time
 
 from agent import telemetry
 from cloud.service import Cloud

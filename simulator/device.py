@@ -10,6 +10,7 @@ from agent.actions import Append, Connect, Log, Publish, UseIdentity, WriteAtomi
 from agent.errors import LocalError, MQTTError
 from board.codec import CODEC
 from board.sim import SimFlash, SimRng
+from simulator.enroller import Enroller, refusal_reason
 from simulator.keys import KeySet
 
 KEEPALIVE_S = 60
@@ -171,7 +172,6 @@ class VirtualDevice:
         if self.fleet.claim is None:
             self.note("identity_recovery_needed", self.id_core.last_reason)
             return
-        from simulator.enroller import Enroller
         endpoints, claim_files = self.fleet.claim
         enroller = Enroller(self.id_core, self.id_board, endpoints, claim_files, self.fleet.now_ms,
                             self.id_core.config.hwid)
@@ -246,7 +246,6 @@ class VirtualDevice:
                 self.pending.abort()  # it may have finished TLS just as we gave up
             self.lost("connect failed: %s" % (e.__class__.__name__,))
             if isinstance(e, ssl.SSLError):  # TLS refused our certificate: the identity core decides
-                from simulator.enroller import refusal_reason
                 self.feed_identity(events.Refused(self.fleet.now_ms(), refusal_reason(e)))
             return
         if not self.fleet.network_up and self.pending is not None:

@@ -23,7 +23,6 @@ the service picks the rollouts up on its next tick.
 """
 
 import asyncio
-import hashlib
 import os
 import random
 import time
@@ -35,7 +34,7 @@ from board.sim import PowerCut, SimFlash
 from board.slots import BOOT_STATE, SLOT_NAMES, SimSlots
 from cloud import firmware
 from cloud import rollout_plan as rp
-from cloud.ota_service import encode
+from agent.ota_wire import encode
 from cloud.rollout import Engine, Policy
 from cloud.rollout_release import release_id
 from simulator import firmware_faults as ff

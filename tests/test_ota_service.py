@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agent import cbor
 from agent import updater as up
+from agent import ota_wire as wire
 from cloud import ota_service as ota
 from cloud import rollout_plan as rp
 from cloud.rollout import Engine, Policy
@@ -250,7 +251,7 @@ def test_any_message_is_handled_or_refused_never_a_crash(topic, payload):
     assert isinstance(out, list)
     for t, p in out:
         assert t.startswith("t/") and t.endswith("/update") and isinstance(p, bytes)
-        op, fields = ota.parse(p, ota.DOWN, ota.DOWN_BYTES_MAX)     # what we send parses strictly
+        op, fields = ota.parse(p, wire.DOWN, wire.DOWN_BYTES_MAX)     # what we send parses strictly
         if op == "error":
             assert core.counts["refused"] == refused + 1 and core.refusals[-1]["code"] == fields["why"]
     if core.counts["refused"] > refused:
@@ -261,12 +262,12 @@ def test_any_message_is_handled_or_refused_never_a_crash(topic, payload):
 @given(payload=st.one_of(st.binary(max_size=5000), _near_valid.map(cbor.dumps)))
 def test_device_side_parse_accepts_or_refuses_with_a_code(payload):
     try:
-        op, fields = ota.parse(payload, ota.DOWN, ota.DOWN_BYTES_MAX)
+        op, fields = ota.parse(payload, wire.DOWN, wire.DOWN_BYTES_MAX)
     except ota.OtaError as e:
         assert e.code in ("too_big", "not_cbor", "not_a_map", "bad_version", "unknown_op", "unknown_field",
                           "missing_field", "bad_field", "bad_payload")
     else:
-        assert op in ota.DOWN and set(fields) == set(ota.DOWN[op])
+        assert op in wire.DOWN and set(fields) == set(wire.DOWN[op])
 
 
 def test_messages_round_trip_and_are_deterministic():
@@ -274,10 +275,10 @@ def test_messages_round_trip_and_are_deterministic():
                        ("report", {"st": "trial", "why": "", "seq": 3, "ref": GOOD}),
                        ("chunk", {"ref": GOOD, "i": 2})):
         data = ota.encode(op, **fields)
-        assert ota.parse(data, ota.UP, ota.UP_BYTES_MAX) == (op, fields)
+        assert ota.parse(data, wire.UP, wire.UP_BYTES_MAX) == (op, fields)
         assert data == ota.encode(op, **dict(reversed(list(fields.items()))))
     big = ota.encode("chunk", ref=GOOD, i=0, data=b"x" * 4096)
-    assert ota.parse(big, ota.DOWN, ota.DOWN_BYTES_MAX)[1]["data"] == b"x" * 4096
+    assert ota.parse(big, wire.DOWN, wire.DOWN_BYTES_MAX)[1]["data"] == b"x" * 4096
     with pytest.raises(ota.OtaError) as e:
-        ota.parse(ota.encode("chunk", ref=GOOD, i=0, data=b"x" * 4097), ota.DOWN, ota.DOWN_BYTES_MAX)
+        ota.parse(ota.encode("chunk", ref=GOOD, i=0, data=b"x" * 4097), wire.DOWN, wire.DOWN_BYTES_MAX)
     assert e.value.code == "bad_field"
