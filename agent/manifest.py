@@ -293,7 +293,9 @@ def verify_release(bundle, root_public_key, k, keyset_version_seen=0):
 
     Checks signatures only; call check() next. The returned manifest's
     keyset_version is the set's version: persist it once the update is
-    installed, and pass it as keyset_version_seen from then on.
+    installed, and pass it as keyset_version_seen from then on. Its
+    signed_bytes are the manifest bytes the signatures cover (keep those,
+    not a re-encoding).
     """
     verifier = ReleaseVerifier(bundle, root_public_key, k, keyset_version_seen)
     while not verifier.step():
@@ -363,8 +365,10 @@ class ReleaseVerifier:
                 raise ManifestError("signatures are over different manifests", "mismatch")
             payload = None
             yield from _run(verifier, bits, "bad_signature")
+        yield                           # parsing a long chunk list is a piece of its own
         manifest = parse(manifest_bytes)
         manifest.keyset_version = keyset.version
+        manifest.signed_bytes = manifest_bytes      # what the signatures cover, as they cover it
         self._manifest = manifest
 
 

@@ -13,7 +13,8 @@
 # The flow, as mender-mcu writes it: phase -> (next on success, on failure).
 # "rejected" and "rolled_back" never touch the active slot.
 #
-#   idle/confirmed/rolled_back/rejected --Offer--> downloading | rejected
+#   idle/confirmed/rolled_back/rejected --Offer--> verifying
+#   verifying   --Step...--> downloading          | rejected (the offer's refusal)
 #   downloading --last Chunk--> checking          | rejected (bad chunk)
 #   checking    --SlotRead N--> verified          | downloading (from the first
 #                                                   bad chunk, REPAIRS_MAX times)
@@ -21,6 +22,15 @@
 #   verified    --(no event)--> installed, Reboot
 #   installed   --bootloader--> trial             (boot target once)
 #   trial       --Healthy N---> confirmed         | rolled_back (timeout, reboot)
+#
+# "verifying" checks the offer's signatures in bounded pieces: the Offer
+# returns StepLater, and each Step the driver feeds back does at most
+# Config.bits_per_step bits of one ECDSA verification (agent/manifest.py's
+# ReleaseVerifier), then StepLater again until the verdict. A board serves
+# its network between steps (an ESP32 keeps its MQTT keepalive during the
+# seconds three signatures take) and the heap holds one verification's
+# state. Nothing is written until the verdict: a cut meanwhile boots the
+# phase before the offer, and the cloud offers again.
 #
 # "checking" reads the whole inactive slot back (ReadSlot / SlotRead, one
 # chunk at a time) and checks every chunk hash and the payload's SHA-256
@@ -44,6 +54,7 @@ from agent.value import Value
 
 OFF = "off"                  # not booted yet: only Booted is accepted
 IDLE = "idle"
+VERIFYING = "verifying"      # in memory only: checking an offer's signatures
 DOWNLOADING = "downloading"
 CHECKING = "checking"        # in memory only: reading the slot back
 REBOOTING = "rebooting"      # in memory only: a Reboot is pending
@@ -60,6 +71,7 @@ BOOT_STATE_VERSION = 1
 SLOTS = 2
 REPAIRS_MAX = 2              # re-downloads from a chunk the read-back found bad
 REF_CHARS_MAX = 64           # an Offer's ref (the cloud's release id)
+BITS_PER_STEP = 32           # of an ECDSA verification per Step (256 bits: one per signature)
 
 
 # ---------------------------------------------------------------- events
@@ -105,14 +117,20 @@ class SlotRead(Value):
 
 class Cancel(Value):
     """The cloud withdrew the release `ref` (a rollout paused, halted or
-    killed): a download of it under way is abandoned, reported rejected
-    "cancelled"; the running slot is untouched. Any other state ignores it
+    killed): a verification or download of it under way is abandoned,
+    reported rejected "cancelled"; the running slot is untouched. Any other
+    state ignores it
     (past the download the device finishes: the read-back is short, and
     from "verified" on the image is whole and checked)."""
     __slots__ = ("ref",)
 
     def __init__(self, ref):
         self.ref = ref
+
+
+class Step(Value):
+    """Do the next piece of the work a StepLater announced."""
+    __slots__ = ()
 
 
 class Healthy(Value):
@@ -154,6 +172,11 @@ class ReadSlot(Value):
 
 
 class Reboot(Value):
+    __slots__ = ()
+
+
+class StepLater(Value):
+    """Work is pending: feed Step() once the board has served its network."""
     __slots__ = ()
 
 
@@ -273,6 +296,8 @@ TRANSITIONS = {
     (CONFIRMED, Offer): "_offer",
     (ROLLED_BACK, Offer): "_offer",
     (REJECTED, Offer): "_offer",
+    (VERIFYING, Step): "_step",
+    (VERIFYING, Cancel): "_cancel",
     (DOWNLOADING, Chunk): "_chunk",
     (DOWNLOADING, Offer): "_rerequest",
     (DOWNLOADING, Cancel): "_cancel",
@@ -280,7 +305,7 @@ TRANSITIONS = {
     (TRIAL, Healthy): "_healthy",
     (TRIAL, Tick): "_tick",
 }
-_IGNORED = (Chunk, Healthy, Tick, Offer, Cancel)   # late or repeated network input elsewhere
+_IGNORED = (Chunk, Healthy, Tick, Offer, Cancel, Step)   # late or repeated network input elsewhere
 
 # The fields each event must carry, checked before any transition.
 _EVENT_FIELDS = {
@@ -298,9 +323,11 @@ class Config:
     """trial_acks_min telemetry records acknowledged within trial_ms_max of
     the trial boot confirm the new image."""
 
-    def __init__(self, hw_class, root_public_key, k=2, trial_acks_min=3, trial_ms_max=60000):
-        if trial_acks_min < 1 or trial_ms_max < 1:
-            raise ValueError("trial_acks_min >= 1 and trial_ms_max >= 1")
+    def __init__(self, hw_class, root_public_key, k=2, trial_acks_min=3, trial_ms_max=60000,
+                 bits_per_step=BITS_PER_STEP):
+        if trial_acks_min < 1 or trial_ms_max < 1 or bits_per_step < 1:
+            raise ValueError("trial_acks_min, trial_ms_max and bits_per_step must be >= 1")
+        self.bits_per_step = bits_per_step
         self.hw_class = hw_class
         self.root_public_key = root_public_key
         self.k = k
@@ -316,6 +343,9 @@ class Updater:
         self.boot = None          # the BootState as last written (or read at boot)
         self.slot = None          # the slot running now
         self._verifier = None     # ChunkVerifier while downloading or checking
+        self._release = None      # ReleaseVerifier while verifying
+        self._verdict = None      # its Manifest, once it has one
+        self._offered = None      # (ref, now_ms) of the Offer being verified, not its bundle
         self._trial_start_ms = None
 
     def handle(self, event):
@@ -327,7 +357,7 @@ class Updater:
             return self._handle(event)
         except TetherError:
             self.state = ERROR
-            self._verifier = None
+            self._verifier = self._release = self._verdict = self._offered = None
             raise
 
     def _handle(self, event):
@@ -385,12 +415,32 @@ class Updater:
     def _offer(self, event):
         c = self.config
         try:
-            manifest = mf.verify_release(event.bundle, c.root_public_key, c.k, self.boot.ksv)
-            mf.check(manifest, c.hw_class, self.boot.sv, event.now_ms // 1000)
-        except RemoteError as error:   # ManifestError, CBORError
+            self._release = mf.ReleaseVerifier(event.bundle, c.root_public_key, c.k,
+                                               self.boot.ksv, c.bits_per_step)
+        except RemoteError as error:
             return self._reject(error.code, event.ref)
+        self._offered = (event.ref, event.now_ms)
+        self.state = VERIFYING
+        return [StepLater()]
+
+    def _step(self, event):
+        c = self.config
+        ref, now_ms = self._offered
+        try:
+            if self._verdict is None:
+                if not self._release.step():
+                    return [StepLater()]
+                # The verdict took this step (parsing a long manifest is its
+                # biggest piece): what follows gets a step of its own.
+                self._verdict, self._release = self._release.result(), None
+                return [StepLater()]
+            manifest = self._verdict
+            mf.check(manifest, c.hw_class, self.boot.sv, now_ms // 1000)
+        except RemoteError as error:   # ManifestError, CBORError
+            return self._reject(error.code, ref)
+        self._verdict = self._offered = None
         boot = self.boot.copy(phase=DOWNLOADING, target=1 - self.boot.active, cursor=0,
-                              reason="", manifest=manifest.encode(), repairs=0, ref=event.ref,
+                              reason="", manifest=manifest.signed_bytes, repairs=0, ref=ref,
                               trial_sv=manifest.security_version,
                               trial_ksv=manifest.keyset_version)
         # Chunk hashes only: the whole-payload hash is checked on the read-back.
@@ -463,12 +513,13 @@ class Updater:
         return self._save(self.boot.copy(phase=INSTALLED)) + [Reboot()]
 
     def _cancel(self, event):
-        if event.ref != self.boot.ref:
+        ref = self._offered[0] if self.state == VERIFYING else self.boot.ref
+        if event.ref != ref:
             return []  # about another release: not ours to drop
-        return self._reject("cancelled")
+        return self._reject("cancelled", ref)
 
     def _reject(self, reason, ref=None):
-        self._verifier = None
+        self._verifier = self._release = self._verdict = self._offered = None
         self.state = REJECTED
         boot = self.boot.copy(phase=REJECTED, reason=reason, cursor=0, manifest=b"")
         if ref is not None:
@@ -504,6 +555,9 @@ class Updater:
         actions = self._save(self.boot.copy(phase=ROLLED_BACK, reason=reason, manifest=b"",
                                             cursor=0))
         if self.slot != self.boot.active:
+            # Until the reset nothing may start: an offer now would target
+            # the slot that is running (1 - active).
+            self.state = REBOOTING
             actions.append(Reboot())
         return actions
 

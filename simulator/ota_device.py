@@ -159,6 +159,8 @@ class OtaDevice:
                 self.send(encode("report", st=a.status, why=a.reason[:REASON_CHARS_MAX], seq=a.seq, ref=a.ref))
             elif isinstance(a, up.RequestChunk):
                 self._request(a.index)
+            elif isinstance(a, up.StepLater):        # the next piece after the loop's other work
+                self.dev.fleet.loop.call_soon(self._step, self.updater)
             elif isinstance(a, up.ReadSlot):         # local flash: answered at once
                 data = self.slots.read_slot(a.slot, a.offset, a.length)
                 todo = self.handle(up.SlotRead(a.offset, data)) + todo
@@ -167,6 +169,10 @@ class OtaDevice:
                 # before it resets, as a real one waits for its PUBACK, bounded.
                 self.rebooting = self.dev.fleet.loop.call_later(REBOOT_DELAY_S, self.reboot)
                 return
+
+    def _step(self, updater):
+        if updater is self.updater:                  # not rebooted meanwhile
+            self.run(self.handle(up.Step()))
 
     def _request(self, index):
         if self.resuming:

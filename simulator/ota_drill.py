@@ -132,6 +132,10 @@ class OtaDrill:
             "%s %.1f-%.1f s" % (label, a, b) for a, b, label in self.marks)))
         return self.result
 
+    def _downloading(self, device, ref):
+        u = self.devices[device].updater
+        return u is not None and u.state == up.DOWNLOADING and u.boot.ref == ref
+
     async def _wait(self, predicate, timeout_s, what):
         deadline = time.monotonic() + timeout_s
         while not predicate():
@@ -182,6 +186,8 @@ class OtaDrill:
             ref = "attack-%s" % code.replace("_", "-")
             before = self.devices[victim].running_version()
             service.push(victim, encode("offer", ref=ref, bundle=bundle))
+            if extra:      # injected as the answer to the device's request, once it verified the offer
+                await self._wait(lambda v=victim, r=ref: self._downloading(v, r), 20, "the attacked download")
             for _, index, data in extra:
                 service.push(victim, encode("chunk", ref=ref, i=index, data=data))
             self.attacks.append({"attack": name, "device": victim, "ref": ref, "expect": code, "before": before})
@@ -433,6 +439,8 @@ def _boot_and_update(fw, slots, bundle, payload, healthy, now, offers):
             todo = u.handle(up.Chunk(a.index, data)) + todo
         elif isinstance(a, up.ReadSlot):
             todo = u.handle(up.SlotRead(a.offset, slots.read_slot(a.slot, a.offset, a.length))) + todo
+        elif isinstance(a, up.StepLater):
+            todo = u.handle(up.Step()) + todo
         elif isinstance(a, up.Reboot):
             return up.REBOOTING
     return u.state

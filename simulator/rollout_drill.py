@@ -104,6 +104,8 @@ class DrillDevice:
             elif isinstance(action, up.Reboot):
                 self.reboot = True
                 return
+            elif isinstance(action, up.StepLater):   # nothing else to serve here: at once
+                self.run(self.updater.handle(up.Step()), now_ms)
             else:                      # RequestChunk, ReadSlot (answered by serve())
                 self.requests.append(action)
 

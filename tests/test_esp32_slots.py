@@ -295,6 +295,8 @@ while pending and pending[0] != "reboot":
     a = pending.pop(0)
     if isinstance(a, up.ReadSlot):
         event = up.SlotRead(a.offset, slots.read_slot(a.slot, a.offset, a.length))
+    elif isinstance(a, up.StepLater):
+        event = up.Step()
     else:
         event = up.Chunk(a.index, NEW[a.index * 4096:(a.index + 1) * 4096])
     pending = run(slots, u.handle(event))

@@ -93,6 +93,7 @@ class Device:
         self.reads = []           # ReadSlot actions not answered yet
         self.reboot_pending = False
         self.power_cuts = 0
+        self.steps = 0            # Step events fed for StepLater
         self.now_ms = NOW_MS
 
     @property
@@ -147,6 +148,9 @@ class Device:
                 self.requests.append(action.index)
             elif isinstance(action, up.ReadSlot):
                 self.reads.append(action)
+            elif isinstance(action, up.StepLater):
+                self.steps += 1
+                self.run(self.updater.handle(up.Step()))
             elif isinstance(action, up.Reboot):
                 self.reboot_pending = True
                 return
@@ -253,6 +257,78 @@ def test_a_cancelled_download_is_abandoned_and_the_running_slot_kept():
     assert device.state == up.REJECTED
     device.power_on()
     assert device.boots[-1] == (0, "1.0.0")
+
+
+def booted_updater(bits_per_step=up.BITS_PER_STEP):
+    """An Updater booted on the factory record, with its config's step size."""
+    config = up.Config("sim-v1", ROOT_PUB, k=2, bits_per_step=bits_per_step)
+    u = up.Updater(config)
+    u.handle(up.Booted(0, up.BootState(active=0, sv=1, ksv=1).encode()))
+    return u
+
+
+def steps_to_verdict(u, steps_max=1000):
+    """Feed Step while the updater asks for one: (steps fed, the last actions)."""
+    for steps in range(1, steps_max):
+        actions = u.handle(up.Step())
+        if actions != [up.StepLater()]:
+            return steps, actions
+    raise AssertionError("no verdict in %d steps" % steps_max)
+
+
+def test_an_offer_is_verified_in_bounded_steps_and_nothing_is_written_before_the_verdict():
+    coarse, fine = booted_updater(256), booted_updater(16)
+    counts = []
+    for u in (coarse, fine):
+        assert u.handle(up.Offer(NEW_BUNDLE, NOW_MS, "rel-2")) == [up.StepLater()]
+        assert u.state == up.VERIFYING
+        steps, actions = steps_to_verdict(u)
+        counts.append(steps)
+        assert u.state == up.DOWNLOADING
+        assert [type(a) for a in actions] == [up.WriteBootState, up.Report, up.RequestChunk]
+        assert actions[1] == up.Report("downloading", "", 1, "rel-2")
+    # three ECDSA verifications (key set, two release signers) of 256 bits
+    assert counts[1] - counts[0] == 3 * (256 // 16 - 1)
+
+
+def test_what_arrives_while_verifying_is_ignored_and_a_cancel_abandons_it():
+    u = booted_updater()
+    u.handle(up.Offer(NEW_BUNDLE, NOW_MS, "rel-2"))
+    for event in (up.Offer(NEW_BUNDLE, NOW_MS, "rel-2"), up.Chunk(0, b"x"), up.Tick(NOW_MS),
+                  up.Healthy(5, NOW_MS), up.Cancel("rel-other")):
+        assert u.handle(event) == [] and u.state == up.VERIFYING
+    u.handle(up.Step())
+    actions = u.handle(up.Cancel("rel-2"))
+    assert u.state == up.REJECTED
+    assert actions[1] == up.Report("rejected", "cancelled", 1, "rel-2")
+    assert u.handle(up.Step()) == []                 # a step still queued by the driver
+
+
+def test_a_bad_signature_is_refused_at_its_step_with_the_offers_ref():
+    u = booted_updater(64)
+    bundle = cbor.loads(NEW_BUNDLE)
+    sig = bytearray(bundle["sigs"][1])
+    sig[-1] ^= 1                                     # the second release signature
+    bundle["sigs"][1] = bytes(sig)
+    u.handle(up.Offer(cbor.dumps(bundle), NOW_MS, "rel-bad"))
+    steps, actions = steps_to_verdict(u)
+    assert steps > 2 * (256 // 64)                   # the first two verifications ran first
+    assert u.state == up.REJECTED and actions[1] == up.Report("rejected", "bad_signature", 1, "rel-bad")
+
+
+def test_a_power_cut_while_verifying_boots_the_phase_before_the_offer():
+    device = Device()
+    device.power_on()
+    writes = device.total_writes()
+    u = device.updater
+    assert u.handle(up.Offer(NEW_BUNDLE, NOW_MS)) == [up.StepLater()]
+    for _ in range(5):
+        assert u.handle(up.Step()) == [up.StepLater()]
+    assert device.total_writes() == writes          # nothing written while verifying
+    device.power_on()                                # the cut: the updater's memory is gone
+    assert device.state == up.IDLE and device.boot_state().phase == up.IDLE
+    drive(device)                                    # the cloud offers again
+    assert device.state == up.CONFIRMED and device.steps > 3
 
 
 def test_torn_chunk_written_before_a_cut_is_caught_by_the_read_back():
@@ -516,70 +592,17 @@ def test_boot_state_round_trip():
         up.decode_boot_state(cbor.dumps({"v": 9}))
 
 
-# ------------------------------------------------------------ MicroPython
-
-MPY_SCENARIO = """
-from agent import updater as up
-from board.slots import SimSlots
-
-class Flash:    # just the storage calls SimSlots makes
-    def __init__(self):
-        self.files = {}
-    def read(self, name):
-        return self.files.get(name)
-    def write_atomic(self, name, data):
-        self.files[name] = bytes(data)
-    def append(self, name, data):
-        self.files[name] = self.files.get(name, b"") + bytes(data)
-
-flash = Flash()
-flash.files["slot0"] = b"old"
-flash.files["bootstate"] = up.BootState(active=0, sv=1, ksv=1).encode()
-slots = SimSlots(flash)
-config = up.Config("sim-v1", ROOT_PUB, k=2, trial_acks_min=2, trial_ms_max=60000)
-reports = []
-
-def boot():
-    u = up.Updater(config)
-    slot, blob = slots.boot()
-    return u, run(u.handle(up.Booted(slot, blob)))
-
-def run(actions):
-    requests = []
-    for a in actions:
-        if isinstance(a, up.WriteSlot):
-            slots.write_slot(a.slot, a.offset, a.data)
-        elif isinstance(a, up.WriteBootState):
-            slots.write_boot_state(a.data)
-        elif isinstance(a, up.Report):
-            reports.append(a.status)
-        elif isinstance(a, (up.RequestChunk, up.ReadSlot)):
-            requests.append(a)
-        elif isinstance(a, up.Reboot):
-            requests.append("reboot")
-    return requests
-
-u, _ = boot()
-pending = run(u.handle(up.Offer(BUNDLE, NOW_MS)))
-while pending and pending[0] != "reboot":
-    a = pending.pop(0)
-    if isinstance(a, up.ReadSlot):
-        pending = run(u.handle(up.SlotRead(a.offset, slots.read_slot(a.slot, a.offset, a.length))))
-    else:
-        i = a.index
-        pending = run(u.handle(up.Chunk(i, PAYLOAD[i * 4096:(i + 1) * 4096])))
-u, _ = boot()
-run(u.handle(up.Healthy(2, NOW_MS + 1000)))
-print(",".join(reports), u.state, slots.read_slot(1) == PAYLOAD)
-"""
-
-
-def test_update_flow_on_micropython():
-    """Functional only: the port collects between steps, and the offer verifies
-    three ECDSA signatures in one step (see "missing" in the module report)."""
-    from mpy import require_micropython, run_micropython
-    require_micropython()
-    code = "ROOT_PUB = %r\nBUNDLE = %r\nPAYLOAD = %r\nNOW_MS = %d\n" % (
-        ROOT_PUB, NEW_BUNDLE, NEW_BIN, NOW_MS) + MPY_SCENARIO
-    out = run_micropython(code, heap_kb=8192, modules=("agent", "board"), timeout_s=120)
-    assert out.split() == ["downloading,verified,installed,trial,confirmed", "confirmed", "True"]
+def test_an_offer_between_a_rollback_and_its_reset_is_ignored():
+    """The trial image times out: the record says rolled_back and a Reboot is
+    pending. An offer in that window must not start an update, whose target
+    (1 - active) would be the slot running now."""
+    manifest = mf.verify_release(NEW_BUNDLE, ROOT_PUB, 2)
+    record = up.BootState(active=0, sv=1, ksv=1, phase=up.TRIAL, target=1, seq=4,
+                          manifest=manifest.signed_bytes, trial_sv=2, trial_ksv=2).encode()
+    u = up.Updater(CONFIG)
+    u.handle(up.Booted(1, record))
+    u.handle(up.Tick(NOW_MS))
+    actions = u.handle(up.Tick(NOW_MS + CONFIG.trial_ms_max))
+    assert actions[-1] == up.Reboot() and u.state == up.REBOOTING
+    assert u.boot.phase == up.ROLLED_BACK and u.boot.reason == "trial_timeout"
+    assert u.handle(up.Offer(NEW_BUNDLE, NOW_MS, "rel-3")) == [] and u.state == up.REBOOTING

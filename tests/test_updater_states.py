@@ -20,9 +20,10 @@ from test_updater import CONFIG, NEW_BIN, NEW_BUNDLE, NOW_MS, OLD_BUNDLE, ROOT_P
 MANIFEST = mf.verify_release(NEW_BUNDLE, ROOT_PUB, 2)
 PARTS = chunks(NEW_BIN)
 COUNT = MANIFEST.chunk_count()
-ACTIONS = (up.WriteSlot, up.WriteBootState, up.Reboot, up.Report, up.RequestChunk, up.ReadSlot)
-KNOWN = (up.OFF, up.IDLE, up.DOWNLOADING, up.CHECKING, up.INSTALLED, up.TRIAL, up.CONFIRMED,
-         up.ROLLED_BACK, up.REJECTED, up.REBOOTING)
+ACTIONS = (up.WriteSlot, up.WriteBootState, up.Reboot, up.Report, up.RequestChunk, up.ReadSlot,
+           up.StepLater)
+KNOWN = (up.OFF, up.IDLE, up.VERIFYING, up.DOWNLOADING, up.CHECKING, up.INSTALLED, up.TRIAL,
+         up.CONFIRMED, up.ROLLED_BACK, up.REJECTED, up.REBOOTING)
 
 
 def record(phase, **fields):
@@ -45,7 +46,7 @@ ENTRIES = {
     up.REJECTED: (0, record(up.REJECTED, reason="expired")),
     up.REBOOTING: (1, record(up.IDLE)),
 }
-STATES = [up.OFF, up.ERROR] + sorted(ENTRIES)
+STATES = [up.OFF, up.ERROR, up.VERIFYING] + sorted(ENTRIES)
 
 
 def machine(state):
@@ -53,6 +54,10 @@ def machine(state):
     if state == up.ERROR:
         with pytest.raises(LocalError):
             u.handle(up.Tick(0))                     # nothing but Booted before boot
+    elif state == up.VERIFYING:                      # in memory only: an offer being checked
+        u.handle(up.Booted(*ENTRIES[up.IDLE]))
+        assert u.handle(up.Offer(NEW_BUNDLE, NOW_MS, "rel-1")) == [up.StepLater()]
+        u.handle(up.Step())
     elif state != up.OFF:
         slot, blob = ENTRIES[state]
         u.handle(up.Booted(slot, blob))
@@ -80,8 +85,9 @@ events = st.one_of(
     st.builds(up.Healthy, st.one_of(st.integers(-1, 10), garbage), now_ms),
     st.builds(up.Tick, now_ms),
     st.builds(up.Cancel, st.one_of(st.sampled_from(["", "rel-1"]), garbage)),
+    st.just(up.Step()),
     garbage,                                          # not an event at all
-    st.sampled_from([up.Reboot(), up.RequestChunk(0), object()]),
+    st.sampled_from([up.Reboot(), up.RequestChunk(0), up.StepLater(), object()]),
 )
 
 
@@ -121,7 +127,8 @@ def test_event_sequences_keep_the_invariant(state, sequence):
 def test_each_state_with_each_well_formed_event_kind(state):
     """The table, exhaustively: for each pair, which outcome (no Hypothesis)."""
     kinds = [up.Booted(0, None), up.Offer(b"x", NOW_MS), up.Chunk(1, PARTS[1]),
-             up.SlotRead(0, PARTS[0]), up.Healthy(3, NOW_MS), up.Tick(NOW_MS), up.Cancel("")]
+             up.SlotRead(0, PARTS[0]), up.Healthy(3, NOW_MS), up.Tick(NOW_MS), up.Cancel(""),
+             up.Step()]
     for event in kinds:
         u = machine(state)
         accepted = (state, type(event)) in up.TRANSITIONS
