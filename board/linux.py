@@ -89,10 +89,13 @@ class LinuxAgent:
     """Drives the telemetry core on a Linux board: FileStorage, the system
     clock, and paho-mqtt as the transport. Single-threaded: paho's network
     loop is stepped by hand (client.loop) so paho never reconnects on its own;
-    the core's backoff decides when to try again."""
+    the core's backoff decides when to try again.
+
+    ota: a board.linux_ota.LinuxOta to run firmware updates over the same
+    connection (docs/firmware-boards.md), or None."""
 
     def __init__(self, root, tenant, device, host, port, cafile, certfile, keyfile,
-                 config=None, codec=None, clock=None, rng=None, logger=None):
+                 config=None, codec=None, clock=None, rng=None, logger=None, ota=None):
         self.storage = FileStorage(root)
         self.clock = clock or SystemClock()
         self.core = telemetry.Telemetry(tenant, device, codec or CODEC, rng or SystemRng(), config)
@@ -104,8 +107,12 @@ class LinuxAgent:
         self.mids = {}
         self.sent_ms = {}   # mid -> when published, for the PUBACK timeout
         self.inbox = []
+        self.ota = ota
+        self.acked = 0      # telemetry records acknowledged since this process started
 
     def boot(self):
+        if self.ota is not None:
+            self.ota.boot()
         self.execute(self.core.boot(self.storage.read("state"), self.storage.read("queue")))
 
     def sample(self, readings):
@@ -118,6 +125,8 @@ class LinuxAgent:
         """Run the network for a moment and hand what happened to the core."""
         self.feed(events.Tick(self.clock.now_ms()))
         if self.client is not None:
+            if self.ota is not None and self.ota.step_pending:
+                timeout_s = 0       # a signature check goes on: serve the network, do not wait
             rc = self.client.loop(timeout=timeout_s)
             if rc != 0 and self.client is not None:
                 self._lost("network error %d" % rc)
@@ -126,6 +135,8 @@ class LinuxAgent:
                 self._lost("no PUBACK in %d ms" % ACK_TIMEOUT_MS)
         while self.inbox:
             self.feed(self.inbox.pop(0))
+        if self.ota is not None:
+            self.ota.step(self.acked)
 
     def execute(self, actions):
         for action in actions:
@@ -157,6 +168,8 @@ class LinuxAgent:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        if self.ota is not None:
+            client.on_message = self._on_message
         self.client = client
         try:
             client.connect(self.host, self.port, keepalive=60)
@@ -167,6 +180,8 @@ class LinuxAgent:
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code == 0:
             self.inbox.append(events.Connected(self.clock.now_ms()))
+            if self.ota is not None:
+                self.ota.connected(client)
         else:
             self._lost("refused: %s" % reason_code)
 
@@ -179,6 +194,11 @@ class LinuxAgent:
         self.sent_ms.pop(mid, None)
         if token is not None and client is self.client:
             self.inbox.append(events.PubAcked(token))
+            self.acked += 1
+
+    def _on_message(self, client, userdata, message):
+        if client is self.client and message.topic == self.ota.down_topic:
+            self.ota.on_message(message.payload)
 
     def _lost(self, reason):
         """The connection is gone. PUBACKs already received stay queued ahead
@@ -186,6 +206,8 @@ class LinuxAgent:
         client, self.client = self.client, None
         self.mids.clear()
         self.sent_ms.clear()
+        if self.ota is not None:
+            self.ota.lost()
         if client is not None:
             try:
                 client.disconnect()
