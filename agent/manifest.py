@@ -88,11 +88,13 @@ class Manifest:
     def chunk_hash(self, index):
         return self.chunk_hashes[index * DIGEST_BYTES:(index + 1) * DIGEST_BYTES]
 
-    def to_map(self):
-        return {"v": FORMAT_VERSION, "hw": self.hw_class, "ver": self.version,
-                "sv": self.security_version, "size": self.size, "sha256": self.sha256,
-                "chunks": [self.chunk_hash(i) for i in range(self.chunk_count())],
-                "exp": self.expires_s, "rollout": self.rollout_id}
+    def to_map(self, chunks=True):
+        fields = {"v": FORMAT_VERSION, "hw": self.hw_class, "ver": self.version,
+                  "sv": self.security_version, "size": self.size, "sha256": self.sha256,
+                  "exp": self.expires_s, "rollout": self.rollout_id}
+        if chunks:
+            fields["chunks"] = [self.chunk_hash(i) for i in range(self.chunk_count())]
+        return fields
 
     def encode(self):
         """The deterministic CBOR bytes (what release keys sign)."""
@@ -124,9 +126,29 @@ def parse(payload):
         _text(fields, "rollout", ROLLOUT_CHARS_MAX, _NAME_CHARS),
     )
     chunks = fields = None
-    if manifest.encode() != bytes(payload):
+    if not _is_canonical(manifest, payload):
         raise ManifestError("manifest is not in deterministic CBOR form", "not_canonical")
     return manifest
+
+
+def _is_canonical(manifest, payload):
+    """True if payload is manifest.encode(), compared without encoding the
+    chunk hashes again (on a small heap that re-encoding was the biggest
+    allocation of an update). The decoder has refused non-shortest heads and
+    indefinite lengths, so the array of n 32-byte strings has one form, n *
+    34 bytes; what is compared with a fresh encoding is everything around
+    it: the map's head, the other fields and the order of all keys."""
+    fields = manifest.to_map(chunks=False)
+    keys = sorted(list(fields) + ["chunks"], key=cbor.dumps)   # the deterministic order
+    at = keys.index("chunks")
+    before = cbor.dumps(dict((k, fields[k]) for k in keys[:at]))[1:]     # [1:]: a small map's head
+    after = cbor.dumps(dict((k, fields[k]) for k in keys[at + 1:]))[1:]
+    array_head = bytearray(cbor.dumps(manifest.chunk_count()))
+    array_head[0] |= 0x80                                        # major type 0 -> 4 (array)
+    start = bytes([0xA0 | len(keys)]) + before + cbor.dumps("chunks") + array_head
+    end = len(payload) - len(after)
+    return (end == len(start) + manifest.chunk_count() * (DIGEST_BYTES + 2)
+            and payload[:len(start)] == start and payload[end:] == after)
 
 
 def check(manifest, hw_class, current_security_version, now_s):

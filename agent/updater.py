@@ -206,7 +206,8 @@ class BootState:
     """The persisted record. `active` is the confirmed slot, `sv` and `ksv`
     the confirmed security and key-set versions, `seq` the number of the
     last status report, `manifest` the verified manifest bytes of the update
-    in progress (b"" when none), `cursor` the next chunk to download,
+    being downloaded or checked (b"" in every other phase), `cursor` the
+    next chunk to download,
     `repairs` how often the read-back sent this update back to download,
     `ref` the cloud's name for the update the phase is about."""
 
@@ -494,7 +495,9 @@ class Updater:
             if error.code == "payload_hash":        # the chunks match, the manifest does not
                 return self._reject(error.code)
             return self._repair(index)
-        return self._save(self.boot.copy(phase=VERIFIED)) + self._install()
+        # The manifest served the download and the check; from here on the
+        # record is small (the bootloader rewrites it at the trial boot).
+        return self._save(self.boot.copy(phase=VERIFIED, manifest=b"")) + self._install()
 
     def _repair(self, index):
         """The slot differs from the manifest at chunk `index`: download again

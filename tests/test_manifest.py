@@ -288,6 +288,33 @@ def test_parse_refusals(data, code):
     assert info.value.code == code, info.value.message
 
 
+@settings(max_examples=200, deadline=None)
+@given(order=st.permutations(list(cbor2.loads(make_manifest()))))
+def test_only_the_deterministic_key_order_parses(order):
+    """parse compares the fields around the chunk array with a fresh encoding
+    (not the whole manifest): every key order but the one is refused, keys
+    moved across the array included."""
+    canonical = make_manifest()
+    fields = cbor2.loads(canonical)
+    data = cbor2.dumps({k: fields[k] for k in order})
+    if data == canonical:
+        assert mf.parse(data).encode() == canonical
+    else:
+        with pytest.raises(mf.ManifestError) as info:
+            mf.parse(data)
+        assert info.value.code == "not_canonical"
+
+
+def test_a_wider_integer_than_needed_is_refused():
+    fields = cbor2.loads(make_manifest())
+    data = cbor2.dumps(fields)
+    at = data.index(cbor2.dumps("sv")) + 3          # "sv", then its value 5 in one byte
+    assert data[at] == 5
+    wide = data[:at] + b"\x18\x05" + data[at + 1:]   # the same 5 in two bytes
+    with pytest.raises(CBORError, match="non-shortest"):
+        mf.parse(wide)
+
+
 def test_keyset_refusals():
     good = cbor2.loads(cbor2.loads(keyset()).value[2])
     kid, pub = good["keys"][0]
