@@ -16,6 +16,8 @@
 #   idle/confirmed/rolled_back/rejected --Offer--> verifying
 #   verifying   --Step...--> downloading          | rejected (the offer's refusal)
 #   downloading --last Chunk--> checking          | rejected (bad chunk)
+#   resuming    --SlotRead...-> downloading       (at the first chunk the slot
+#                                                   does not hold) | checking
 #   checking    --SlotRead N--> verified          | downloading (from the first
 #                                                   bad chunk, REPAIRS_MAX times)
 #                                                 | rejected
@@ -31,6 +33,14 @@
 # seconds three signatures take) and the heap holds one verification's
 # state. Nothing is written until the verdict: a cut meanwhile boots the
 # phase before the offer, and the cloud offers again.
+#
+# The cursor is persisted with every Config.cursor_every-th chunk, not each
+# one: the record carries the manifest (8 KiB at 1 MiB), so writing it per
+# 4 KiB chunk tripled the flash written. A boot in "downloading" goes to
+# "resuming" (in memory): it reads the slot from the persisted cursor and
+# checks each chunk against its hash, and downloads from the first one the
+# slot does not hold (torn, never written, or another image's). A chunk
+# that reached the flash is not downloaded again; none is trusted unchecked.
 #
 # "checking" reads the whole inactive slot back (ReadSlot / SlotRead, one
 # chunk at a time) and checks every chunk hash and the payload's SHA-256
@@ -55,6 +65,7 @@ from agent.value import Value
 OFF = "off"                  # not booted yet: only Booted is accepted
 IDLE = "idle"
 VERIFYING = "verifying"      # in memory only: checking an offer's signatures
+RESUMING = "resuming"        # in memory only: finding how far a download got
 DOWNLOADING = "downloading"
 CHECKING = "checking"        # in memory only: reading the slot back
 REBOOTING = "rebooting"      # in memory only: a Reboot is pending
@@ -72,6 +83,7 @@ SLOTS = 2
 REPAIRS_MAX = 2              # re-downloads from a chunk the read-back found bad
 REF_CHARS_MAX = 64           # an Offer's ref (the cloud's release id)
 BITS_PER_STEP = 32           # of an ECDSA verification per Step (256 bits: one per signature)
+CURSOR_EVERY = 16            # chunks per write of the download cursor (64 KiB)
 
 
 # ---------------------------------------------------------------- events
@@ -303,6 +315,8 @@ TRANSITIONS = {
     (DOWNLOADING, Offer): "_rerequest",
     (DOWNLOADING, Cancel): "_cancel",
     (CHECKING, SlotRead): "_slot_read",
+    (RESUMING, SlotRead): "_resume_read",
+    (RESUMING, Cancel): "_cancel",
     (TRIAL, Healthy): "_healthy",
     (TRIAL, Tick): "_tick",
 }
@@ -322,13 +336,16 @@ _EVENT_FIELDS = {
 
 class Config:
     """trial_acks_min telemetry records acknowledged within trial_ms_max of
-    the trial boot confirm the new image."""
+    the trial boot confirm the new image. bits_per_step: of an ECDSA
+    verification per Step; cursor_every: chunks per write of the cursor."""
 
     def __init__(self, hw_class, root_public_key, k=2, trial_acks_min=3, trial_ms_max=60000,
-                 bits_per_step=BITS_PER_STEP):
-        if trial_acks_min < 1 or trial_ms_max < 1 or bits_per_step < 1:
-            raise ValueError("trial_acks_min, trial_ms_max and bits_per_step must be >= 1")
+                 bits_per_step=BITS_PER_STEP, cursor_every=CURSOR_EVERY):
+        if min(trial_acks_min, trial_ms_max, bits_per_step, cursor_every) < 1:
+            raise ValueError("trial_acks_min, trial_ms_max, bits_per_step and cursor_every "
+                             "must be >= 1")
         self.bits_per_step = bits_per_step
+        self.cursor_every = cursor_every
         self.hw_class = hw_class
         self.root_public_key = root_public_key
         self.k = k
@@ -406,10 +423,34 @@ class Updater:
         if self.boot.cursor > manifest.chunk_count() or self.boot.target == self.boot.active:
             raise LocalError("boot state is inconsistent", "bad_boot_state")
         self._verifier = mf.ChunkVerifier(manifest, whole=False, next_index=self.boot.cursor)
-        if self.boot.cursor == manifest.chunk_count():
-            return [self._report()] + self._start_check()
-        self.state = DOWNLOADING
-        return [self._report(), RequestChunk(self.boot.cursor)]
+        return [self._report()] + self._scan()
+
+    def _scan(self):
+        """Read the next chunk past the cursor back; the check when all are there."""
+        if self._verifier.next_index == self._verifier.manifest.chunk_count():
+            return self._start_check()
+        self.state = RESUMING
+        return [self._read(self._verifier.next_index)]
+
+    def _resume_read(self, event):
+        index, error = self._check_read(event)
+        if error is not None:           # not (wholly) written before the reboot
+            self._verifier = mf.ChunkVerifier(self._verifier.manifest, whole=False,
+                                              next_index=index)
+            self.state = DOWNLOADING
+            return [RequestChunk(index)]
+        self.boot = self.boot.copy(cursor=index + 1)
+        return self._scan()
+
+    def _check_read(self, event):
+        """(chunk index, ManifestError or None): the SlotRead checked as the next chunk."""
+        index = self._verifier.next_index
+        _expect_offset(event, index)
+        try:
+            self._verifier.update(index, event.data)
+        except mf.ManifestError as error:
+            return index, error
+        return index, None
 
     # -- offer and download ------------------------------------------------
 
@@ -462,7 +503,9 @@ class Updater:
         index = event.index
         write = WriteSlot(self.boot.target, index * mf.CHUNK_BYTES, event.data)
         self.boot = self.boot.copy(cursor=index + 1)
-        actions = [write, WriteBootState(self.boot.encode())]
+        actions = [write]
+        if self.boot.cursor % self.config.cursor_every == 0:
+            actions.append(WriteBootState(self.boot.encode()))
         if self.boot.cursor < self._verifier.manifest.chunk_count():
             return actions + [RequestChunk(self.boot.cursor)]
         return actions + self._start_check()
@@ -481,17 +524,16 @@ class Updater:
         return ReadSlot(self.boot.target, offset, min(mf.CHUNK_BYTES, size - offset))
 
     def _slot_read(self, event):
+        index, error = self._check_read(event)
         v = self._verifier
-        index = v.next_index
-        if event.offset != index * mf.CHUNK_BYTES:
-            raise LocalError("SlotRead at %d, expected %d" % (
-                event.offset, index * mf.CHUNK_BYTES), "bad_event")
-        try:
-            v.update(index, event.data)
-            if v.next_index < v.manifest.chunk_count():
-                return [self._read(v.next_index)]
-            v.finish()
-        except mf.ManifestError as error:
+        if error is None and v.next_index < v.manifest.chunk_count():
+            return [self._read(v.next_index)]
+        if error is None:
+            try:
+                v.finish()
+            except mf.ManifestError as e:
+                error = e
+        if error is not None:
             if error.code == "payload_hash":        # the chunks match, the manifest does not
                 return self._reject(error.code)
             return self._repair(index)
@@ -574,6 +616,13 @@ class Updater:
 
     def _report(self):
         return Report(self.boot.phase, self.boot.reason, self.boot.seq, self.boot.ref)
+
+
+def _expect_offset(event, index):
+    """A SlotRead must answer the ReadSlot of chunk `index`."""
+    if event.offset != index * mf.CHUNK_BYTES:
+        raise LocalError("SlotRead at %d, expected %d" % (event.offset, index * mf.CHUNK_BYTES),
+                         "bad_event")
 
 
 def _check_event(event):

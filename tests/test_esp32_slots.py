@@ -18,7 +18,7 @@ from agent import updater as up
 from board import esp32_model as em
 from board.esp32_slots import BOOT_STATE, Esp32Slots, SlotError
 from board.sim import PowerCut, SimFlash
-from test_updater import (NEW_BIN, NEW_BUNDLE, NOW_MS, OLD_BIN, ROOT_PUB, Device, converged,
+from test_updater import (CONFIGS, PER_CHUNK, NEW_BIN, NEW_BUNDLE, NOW_MS, OLD_BIN, ROOT_PUB, Device, converged,
                           cut_everywhere, drive, image_version, statuses)
 
 APP_BYTES = 0x8000
@@ -223,9 +223,11 @@ def test_the_running_slot_is_never_written():
 
 
 @pytest.mark.parametrize("healthy", [True, False])
-def test_power_cut_at_every_flash_write(healthy):
-    total, outcomes = cut_everywhere(lambda seed: Esp32Rig(seed=seed), healthy, seeds=(0, 1, 2))
-    assert total >= 20
+@CONFIGS
+def test_power_cut_at_every_flash_write(healthy, config):
+    total, outcomes = cut_everywhere(lambda seed: Esp32Rig(seed=seed), healthy, seeds=(0, 1, 2),
+                                     config=config)
+    assert total >= (20 if config is PER_CHUNK else 16)
     assert set(outcomes) <= {up.CONFIRMED, up.ROLLED_BACK}
     if healthy:
         assert outcomes[up.CONFIRMED] > outcomes.get(up.ROLLED_BACK, 0) > 0

@@ -20,7 +20,7 @@ import pytest
 from agent import updater as up
 from board import linux_slots as ls
 from board.sim import PowerCut
-from test_updater import (NEW_BIN, OLD_BIN, Device, cut_everywhere, drive,
+from test_updater import (CONFIGS, PER_CHUNK, NEW_BIN, OLD_BIN, Device, cut_everywhere, drive,
                           image_version, statuses)
 
 FAKE_PRINTENV = """#!/bin/sh
@@ -172,15 +172,16 @@ def test_atomic_write_cut_before_rename_keeps_the_old_file(tmp_path):
 
 
 @pytest.mark.parametrize("healthy", [True, False])
-def test_file_mode_power_cut_at_every_durable_step(tmp_path, healthy):
+@CONFIGS
+def test_file_mode_power_cut_at_every_durable_step(tmp_path, healthy, config):
     runs = []
 
     def make_rig(seed):
         runs.append(1)
         return LinuxRig(tmp_path / ("dev%d" % len(runs)))
 
-    total, outcomes = cut_everywhere(make_rig, healthy)
-    assert total >= 20
+    total, outcomes = cut_everywhere(make_rig, healthy, config=config)
+    assert total >= (20 if config is PER_CHUNK else 16)
     assert set(outcomes) <= {up.CONFIRMED, up.ROLLED_BACK}
     if healthy:
         assert outcomes[up.CONFIRMED] > outcomes.get(up.ROLLED_BACK, 0) > 0
@@ -212,7 +213,8 @@ def test_uboot_bootcount_rolls_back_a_trial_that_reboots(tmp_path, uboot_tools):
 
 
 @pytest.mark.parametrize("healthy", [True, False])
-def test_uboot_power_cut_at_every_durable_step(tmp_path, uboot_tools, healthy):
+@CONFIGS
+def test_uboot_power_cut_at_every_durable_step(tmp_path, uboot_tools, healthy, config):
     runs = []
 
     def make_rig(seed):
@@ -220,6 +222,6 @@ def test_uboot_power_cut_at_every_durable_step(tmp_path, uboot_tools, healthy):
         os.environ["FAKE_UBOOT_ENV"] = str(tmp_path / ("uboot%d.env" % len(runs)))
         return LinuxRig(tmp_path / ("dev%d" % len(runs)), uboot=True)
 
-    total, outcomes = cut_everywhere(make_rig, healthy)
+    total, outcomes = cut_everywhere(make_rig, healthy, config=config)
     assert set(outcomes) <= {up.CONFIRMED, up.ROLLED_BACK}
-    assert total >= 20
+    assert total >= (20 if config is PER_CHUNK else 16)

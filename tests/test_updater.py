@@ -34,6 +34,10 @@ OLD_BIN, NEW_BIN = _read("sim-v1-1.0.0.bin"), _read("sim-v1-1.1.0.bin")
 OLD_BUNDLE, NEW_BUNDLE = _read("sim-v1-1.0.0.bundle"), _read("sim-v1-1.1.0.bundle")
 VALID = {hashlib.sha256(OLD_BIN).digest(): "1.0.0", hashlib.sha256(NEW_BIN).digest(): "1.1.0"}
 CONFIG = up.Config("sim-v1", ROOT_PUB, k=2, trial_acks_min=3, trial_ms_max=60000)
+# The cursor written with every chunk: the most writes to cut power at.
+PER_CHUNK = up.Config("sim-v1", ROOT_PUB, k=2, trial_acks_min=3, trial_ms_max=60000,
+                      cursor_every=1)
+CONFIGS = pytest.mark.parametrize("config", [CONFIG, PER_CHUNK], ids=["cursor16", "cursor1"])
 
 
 def chunks(payload):
@@ -83,8 +87,9 @@ class Device:
     order against the board's slots. A cut stops everything; power_on()
     boots again. cut_at counts writes over the device's whole life."""
 
-    def __init__(self, sv=1, cut_at=(), seed=7, rig=None):
+    def __init__(self, sv=1, cut_at=(), seed=7, rig=None, config=CONFIG):
         self.rig = rig if rig is not None else SimRig(sv, seed)
+        self.config = config
         self.cuts = sorted(cut_at)
         self.writes_done = 0
         self.boots = []           # (slot, version) of every boot
@@ -114,7 +119,7 @@ class Device:
         try:
             slot, blob = self.rig.start()
             self._check_bootable(slot)
-            self.updater = up.Updater(CONFIG)
+            self.updater = up.Updater(self.config)
             self.run(self.updater.handle(up.Booted(slot, blob)))
         except PowerCut:
             self.power_cuts += 1
@@ -190,7 +195,7 @@ def drive(device, bundle=NEW_BUNDLE, payload=NEW_BIN, healthy=True, steps_max=20
             if tamper is not None and index == tamper:
                 data = bytes([data[0] ^ 1]) + data[1:]
             device.feed(up.Chunk(index, data))
-        elif device.state == up.CHECKING and device.reads:
+        elif device.state in (up.CHECKING, up.RESUMING) and device.reads:
             device.answer_read()
         elif device.state == up.TRIAL:
             device.now_ms += 1000
@@ -223,20 +228,28 @@ def test_happy_path_confirms_and_advances_security_version():
     assert device.reports[-1] == device.reports[-2]   # re-sent, same seq: idempotent
 
 
-def test_resume_after_power_cut_mid_download_from_cursor():
-    device = Device()
+@CONFIGS
+def test_resume_after_power_cut_mid_download_from_cursor(config):
+    device = Device(config=config)
     device.power_on()
     device.feed(up.Offer(NEW_BUNDLE, NOW_MS))
     for index, data in enumerate(chunks(NEW_BIN)[:2]):
         assert device.requests.pop(0) == index
         device.feed(up.Chunk(index, data))
-    assert device.boot_state().cursor == 2
+    persisted = device.boot_state().cursor
+    assert persisted == (2 if config is PER_CHUNK else 0)   # written every cursor_every chunks
     device.flash.power_on(1)                # the next write (chunk 2 into the slot) is torn
     device.writes_done = 0
     device.requests.pop(0)
     device.feed(up.Chunk(2, chunks(NEW_BIN)[2]))
-    assert device.power_cuts == 1 and device.state == up.DOWNLOADING
-    assert device.requests == [2]           # from the cursor, never from zero
+    assert device.power_cuts == 1 and device.state == up.RESUMING
+    scanned = []
+    while device.reads:                     # the slot read back from the persisted cursor
+        scanned.append(device.reads[0].offset // 4096)
+        device.answer_read()
+    assert scanned == list(range(persisted, 3))
+    assert device.state == up.DOWNLOADING
+    assert device.requests == [2]           # the first chunk the slot lacks, never zero
     drive(device)
     assert device.state == up.CONFIRMED
     assert device.slots.read_slot(1) == NEW_BIN
@@ -336,8 +349,9 @@ def test_torn_chunk_written_before_a_cut_is_caught_by_the_read_back():
     lost part of it (a torn page, a write cache lost in the cut). The resumed
     download never sees chunk 1 again; the read-back of the whole slot does,
     and the download goes back to chunk 1 (not to zero) before the slot may
-    boot."""
-    device = Device()
+    boot. (The cursor written per chunk: with a coarser cursor the resume's
+    scan finds it first, next test.)"""
+    device = Device(config=PER_CHUNK)
     device.power_on()
     device.feed(up.Offer(NEW_BUNDLE, NOW_MS))
     for index, data in enumerate(chunks(NEW_BIN)[:2]):
@@ -347,6 +361,7 @@ def test_torn_chunk_written_before_a_cut_is_caught_by_the_read_back():
     torn = device.flash.files[SLOT_NAMES[1]]
     torn[4096 + 2048:8192] = b"\xff" * 2048          # the second half of chunk 1 never landed
     device.power_on()                               # the cut
+    device.answer_read()                            # chunk 2, past the cursor: not there
     assert device.state == up.DOWNLOADING and device.requests == [2]
     for index in (2, 3):
         assert device.requests.pop(0) == index
@@ -361,6 +376,25 @@ def test_torn_chunk_written_before_a_cut_is_caught_by_the_read_back():
     assert device.slots.read_slot(1) == NEW_BIN
     assert statuses(device) == ["downloading", "downloading", "verified", "installed", "trial",
                                 "confirmed"]
+
+
+def test_a_torn_chunk_past_the_persisted_cursor_is_found_by_the_resume_scan():
+    device = Device()                               # cursor persisted every 16 chunks
+    device.power_on()
+    device.feed(up.Offer(NEW_BUNDLE, NOW_MS))
+    for index, data in enumerate(chunks(NEW_BIN)[:3]):
+        device.requests.pop(0)
+        device.feed(up.Chunk(index, data))
+    torn = device.flash.files[SLOT_NAMES[1]]
+    torn[4096 + 2048:8192] = b"\xff" * 2048          # chunk 1 torn in the cut
+    device.power_on()
+    assert device.boot_state().cursor == 0 and device.state == up.RESUMING
+    device.answer_read()                            # chunk 0: whole, kept
+    device.answer_read()                            # chunk 1: torn
+    assert device.state == up.DOWNLOADING and device.requests == [1] and not device.reads
+    drive(device)
+    assert device.state == up.CONFIRMED and device.slots.read_slot(1) == NEW_BIN
+    assert device.boot_state().repairs == 0         # found before the read-back, not by it
 
 
 class BadSectorSlots(SimSlots):
@@ -395,6 +429,8 @@ def test_reboot_during_the_read_back_checks_again_from_the_start():
     device.answer_read()
     assert device.state == up.CHECKING and device.reads[0].offset == 4096
     device.power_on()
+    while device.state == up.RESUMING:             # the scan from the persisted cursor (0)
+        device.answer_read()
     assert device.state == up.CHECKING and device.reads[0].offset == 0
     assert device.reports[-1][:2] == ("downloading", "")
     drive(device)
@@ -519,21 +555,21 @@ def test_unknown_pair_is_a_local_error():
 
 # ------------------------------------------------------------ power cuts
 
-def clean_write_count(healthy, make_rig=None):
-    device = Device(rig=make_rig() if make_rig else None)
+def clean_write_count(healthy, make_rig=None, config=CONFIG):
+    device = Device(rig=make_rig() if make_rig else None, config=config)
     device.power_on()
     drive(device, healthy=healthy)
     return device.total_writes()
 
 
-def cut_everywhere(make_rig, healthy, seeds=(0,)):
+def cut_everywhere(make_rig, healthy, seeds=(0,), config=CONFIG):
     """Cut power at each write of the flow in turn (one rig per cut, made by
     make_rig(seed)); every run converges. Returns {final state: runs}."""
-    total = clean_write_count(healthy, lambda: make_rig(0))
+    total = clean_write_count(healthy, lambda: make_rig(0), config)
     outcomes = {}
     for n in range(1, total + 1):
         for seed in seeds:
-            device = Device(cut_at=[n], rig=make_rig(seed))
+            device = Device(cut_at=[n], rig=make_rig(seed), config=config)
             device.power_on()
             drive(device, healthy=healthy)
             assert device.power_cuts == 1, n
@@ -554,13 +590,14 @@ def converged(device, healthy):
 
 
 @pytest.mark.parametrize("healthy", [True, False])
-def test_power_cut_at_every_write(healthy):
-    total = clean_write_count(healthy)
-    assert total >= 12
+@CONFIGS
+def test_power_cut_at_every_write(healthy, config):
+    total = clean_write_count(healthy, config=config)
+    assert total >= (12 if config is PER_CHUNK else 8)
     outcomes = {}
     for n in range(1, total + 1):
         for seed in range(4):       # a cut write is torn or not, old or new: try both
-            device = Device(cut_at=[n], seed=seed)
+            device = Device(cut_at=[n], seed=seed, config=config)
             device.power_on()
             drive(device, healthy=healthy)
             assert device.power_cuts == 1, n
@@ -570,13 +607,14 @@ def test_power_cut_at_every_write(healthy):
         assert outcomes[up.CONFIRMED] > outcomes.get(up.ROLLED_BACK, 0) > 0
 
 
+@CONFIGS
 @pytest.mark.parametrize("seed", range(8))
-def test_power_cuts_at_random_points(seed):
+def test_power_cuts_at_random_points(seed, config):
     rng = random.Random(seed)
     healthy = rng.random() < 0.7
-    total = clean_write_count(healthy)
+    total = clean_write_count(healthy, config=config)
     cuts = sorted(set(rng.randint(1, total + 6) for _ in range(rng.randint(1, 4))))
-    device = Device(cut_at=cuts, seed=seed)
+    device = Device(cut_at=cuts, seed=seed, config=config)
     device.power_on()
     drive(device, healthy=healthy, steps_max=400)
     assert device.power_cuts == sum(1 for c in cuts if c <= device.total_writes())

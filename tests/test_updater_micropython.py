@@ -60,6 +60,7 @@ class Flash:
         except OSError:
             return None
     def write_atomic(self, name, data):
+        written["record"] += len(data)
         with open("/" + name + ".tmp", "wb") as f:
             f.write(data)
         os.rename("/" + name + ".tmp", "/" + name)
@@ -68,6 +69,7 @@ class Flash:
 class FileSlots(SimSlots):
     """Slots as files written in place: only one chunk ever in the heap."""
     def write_slot(self, slot, offset, data):
+        written["slot"] += len(data)
         path = "/" + SLOT_NAMES[slot]
         with open(path, "r+b" if _exists(path) else "wb") as f:
             f.seek(offset)
@@ -78,6 +80,7 @@ class FileSlots(SimSlots):
             return f.read(-1 if length is None else length)
 
 
+written = {"slot": 0, "record": 0}       # bytes written to flash, by kind
 slots = FileSlots(Flash())
 slots.write_slot(0, 0, b"the factory image")
 slots.write_boot_state(up.BootState(active=0, sv=1, ksv=1).encode())
@@ -159,7 +162,8 @@ boot()
 
 REPORT = r'''
 print(",".join(reports), updater.state, counts["steps"], counts["chunks"], counts["reads"],
-      counts["reboots"], slot_sha256(1, SIZE) == SHA256, BASE, peak[0])
+      counts["reboots"], slot_sha256(1, SIZE) == SHA256, BASE, peak[0], written["slot"],
+      written["record"])
 '''
 
 
@@ -193,8 +197,13 @@ def test_a_1_mib_update_end_to_end_in_a_64_kib_heap():
     assert steps >= verify_steps          # the signatures took many runs, none whole
     assert (chunks, reads, reboots) == (count, count, 1)
     assert out[6] == "True"               # slot 1 holds the image, byte for byte
-    base, peak = int(out[7]), int(out[8])
+    base, peak, slot_bytes, record_bytes = (int(x) for x in out[7:11])
     assert 0 < peak <= WORKING_KB * 1024, peak
+    # The record (manifest included) is written with every 16th chunk, not
+    # each: per chunk it would be about twice the image again.
+    assert slot_bytes == len(payload) + len(b"the factory image")
+    assert record_bytes < slot_bytes // 5, (record_bytes, slot_bytes)
     print("1 MiB update on MicroPython: %d runs, %.0f ms, code and driver %d bytes, "
-          "update's peak %d bytes, heap total %d bytes"
-          % (runs, result["elapsed_ms"], base, peak, result["heap_peak_bytes"]))
+          "update's peak %d bytes, heap total %d bytes; flash written: slot %d, record %d bytes"
+          % (runs, result["elapsed_ms"], base, peak, result["heap_peak_bytes"], slot_bytes,
+             record_bytes))

@@ -22,7 +22,7 @@ PARTS = chunks(NEW_BIN)
 COUNT = MANIFEST.chunk_count()
 ACTIONS = (up.WriteSlot, up.WriteBootState, up.Reboot, up.Report, up.RequestChunk, up.ReadSlot,
            up.StepLater)
-KNOWN = (up.OFF, up.IDLE, up.VERIFYING, up.DOWNLOADING, up.CHECKING, up.INSTALLED, up.TRIAL,
+KNOWN = (up.OFF, up.IDLE, up.VERIFYING, up.RESUMING, up.DOWNLOADING, up.CHECKING, up.INSTALLED, up.TRIAL,
          up.CONFIRMED, up.ROLLED_BACK, up.REJECTED, up.REBOOTING)
 
 
@@ -37,7 +37,7 @@ def record(phase, **fields):
 # state -> (slot booted, record): the Booted event that enters it
 ENTRIES = {
     up.IDLE: (0, record(up.IDLE)),
-    up.DOWNLOADING: (0, record(up.DOWNLOADING, cursor=1)),
+    up.RESUMING: (0, record(up.DOWNLOADING, cursor=0)),
     up.CHECKING: (0, record(up.DOWNLOADING, cursor=COUNT)),
     up.INSTALLED: (0, record(up.VERIFIED, cursor=COUNT)),
     up.TRIAL: (1, record(up.TRIAL)),
@@ -46,7 +46,7 @@ ENTRIES = {
     up.REJECTED: (0, record(up.REJECTED, reason="expired")),
     up.REBOOTING: (1, record(up.IDLE)),
 }
-STATES = [up.OFF, up.ERROR, up.VERIFYING] + sorted(ENTRIES)
+STATES = [up.OFF, up.ERROR, up.VERIFYING, up.DOWNLOADING] + sorted(ENTRIES)
 
 
 def machine(state):
@@ -58,6 +58,9 @@ def machine(state):
         u.handle(up.Booted(*ENTRIES[up.IDLE]))
         assert u.handle(up.Offer(NEW_BUNDLE, NOW_MS, "rel-1")) == [up.StepLater()]
         u.handle(up.Step())
+    elif state == up.DOWNLOADING:                    # resumed at 1: chunk 1 is not in the slot
+        u.handle(up.Booted(0, record(up.DOWNLOADING, cursor=1)))
+        assert u.handle(up.SlotRead(4096, b"")) == [up.RequestChunk(1)]
     elif state != up.OFF:
         slot, blob = ENTRIES[state]
         u.handle(up.Booted(slot, blob))
