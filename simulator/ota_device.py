@@ -2,7 +2,8 @@
 a VirtualDevice (simulator/device.py) owns when the fleet runs updates.
 
 It runs the real update machine (agent/updater.py) over board.slots.SimSlots
-on the device's own SimFlash, speaks the OTA messages (docs/ota.md) over
+on the device's own SimFlash, speaks the OTA messages (docs/ota.md, with the
+shared device half agent/ota_link.py that real boards use too) over
 the device's own mTLS connection (hello with its version after every
 connect, reports and chunk requests on t/<id>/ota; offers and chunks on
 t/<id>/update), turns the device's acknowledged telemetry into Healthy
@@ -23,18 +24,14 @@ import hashlib
 from agent import manifest as mf
 from agent import updater as up
 from agent.actions import Publish
-from agent.errors import LocalError
+from agent.ota_link import OtaLink
+from agent.ota_wire import DOWN_BYTES_MAX
 from board.slots import BOOT_STATE, SLOT_NAMES, SimSlots
-from agent.ota_wire import DOWN, DOWN_BYTES_MAX, REASON_CHARS_MAX, encode, parse
-from agent.ota_wire import WireError as OtaError  # the device parses with the portable code
 from simulator import firmware_faults as ff
 
 BOOTS_MAX = 3                # a crash on boot costs one boot; the bootloader rolls back on the next
 PACKET_BYTES_MAX = DOWN_BYTES_MAX + 512    # the MQTT parser's bound with updates on (topic, header)
-HELLO_RETRY_MS = 3000        # a hello not welcomed by then is said again ...
-HELLO_TRIES_MAX = 10         # ... at most this often per connection
 REBOOT_DELAY_S = 0.3         # from the updater's Reboot to the reset
-OUTBOX_MAX = 64              # messages held while offline; past it the oldest go (reports repeat on boot)
 
 
 class Firmware:
@@ -58,51 +55,41 @@ class Firmware:
         return self.releases[version][2].watchdog_s
 
 
-class OtaDevice:
+class OtaDevice(OtaLink):
+    """A VirtualDevice's OTA driver: the shared protocol half (agent/ota_link.py)
+    over SimSlots and the device's connection, plus what only a simulated
+    board has: the bootloader's boots, fault profiles and the reboot timer."""
+
     def __init__(self, dev, firmware, site):
+        OtaLink.__init__(self, dev.identity, firmware.hw_class, site, SimSlots(dev.flash))
         self.dev = dev
         self.fw = firmware
-        self.site = site
-        self.up_topic = "t/%s/ota" % dev.identity
-        self.down_topic = "t/%s/update" % dev.identity
         self.packet_bytes_max = PACKET_BYTES_MAX
-        self.slots = SimSlots(dev.flash)
         if dev.flash.read(BOOT_STATE) is None:       # the factory image
             payload, sv, _ = firmware.releases[firmware.factory]
             dev.flash.write_atomic(SLOT_NAMES[0], payload)
             dev.flash.write_atomic(BOOT_STATE, up.BootState(active=0, sv=sv, ksv=1).encode())
-        self.updater = None
         self.rebooting = None         # the timer of a pending reboot
-        self.version = None
         self.fate = ff.OK
         self.online = False           # connected since the last (simulated) reboot
         self.connected_ms = None
-        self.welcomed = False         # the cloud answered this connection's hello
-        self.hellos = 0
-        self.hello_ms = 0
-        self.outbox = []
         self.acked_at_boot = 0
         self.hung_until_ms = None
-        self.resuming = False
         self.bricked = False
         self.boots = 0
         self.crashes = 0
-        self.resumed = 0              # downloads that went on from their cursor after a reconnect
-        self.restarted = 0            # ... that went back to chunk 0 instead (must stay 0)
-        self.refused = 0              # update-topic messages this device refused to parse
-        self.errors = {}              # the cloud's error answers, by code
         self.power_on()
 
     # -- boot -------------------------------------------------------------------
 
     def power_on(self):
+        self.reset()
         for _ in range(BOOTS_MAX):
             slot, blob = self.slots.boot()
             self.boots += 1
             version = self.fw.version_of(self.slots.read_slot(slot))
             if version is None:
                 self.bricked = True
-                self.updater = None
                 return
             state = up.decode_boot_state(blob)
             trial = state.phase == up.TRIAL and slot == state.target
@@ -113,13 +100,11 @@ class OtaDevice:
             self.version, self.fate = version, fate
             if fate == ff.SILENT:                       # hangs, network down, until the watchdog
                 self.hung_until_ms = self.dev.fleet.now_ms() + self.fw.watchdog_s(version) * 1000
-                self.updater = None
                 self.dev.cut()
                 return
             self.hung_until_ms = None
             self.acked_at_boot = len(self.dev.acked)
-            self.updater = up.Updater(self.fw.config)
-            self.run(self.handle(up.Booted(slot, blob)))
+            self.booted(up.Updater(self.fw.config), slot, blob)
             return
         self.bricked = True
 
@@ -127,73 +112,39 @@ class OtaDevice:
         """The update machine asked for a reboot: the connection goes, the bootloader runs."""
         self.rebooting = None
         self.online = False
-        self.updater = None
+        self.reset()
         self.dev.cut()
         self.power_on()
 
     def hung(self):
         return self.hung_until_ms is not None
 
-    # -- the driver -----------------------------------------------------------------
+    # -- the board's part of agent/ota_link.py ------------------------------------------
 
-    def handle(self, event):
-        if self.updater is None:
-            return []
-        try:
-            return self.updater.handle(event)
-        except LocalError as e:       # a driver bug: counted, and a failed check at the end
-            self.dev.fleet.core_errors.append("%s updater: %s" % (self.dev.identity, e))
-            return []
+    def publish(self, payload):
+        if not self.online or self.dev.link is None:
+            return None
+        self.dev.publish(Publish(self.up_topic, payload, None), count=False)
+        return True
 
-    def run(self, actions):
-        todo = list(actions)
-        while todo:
-            a = todo.pop(0)
-            if isinstance(a, up.WriteSlot):
-                self.slots.write_slot(a.slot, a.offset, a.data)
-                if self.fw.on_chunk_written is not None:
-                    self.fw.on_chunk_written(self, a.offset // mf.CHUNK_BYTES)
-            elif isinstance(a, up.WriteBootState):
-                self.slots.write_boot_state(a.data)
-            elif isinstance(a, up.Report):
-                self.send(encode("report", st=a.status, why=a.reason[:REASON_CHARS_MAX], seq=a.seq, ref=a.ref))
-            elif isinstance(a, up.RequestChunk):
-                self._request(a.index)
-            elif isinstance(a, up.StepLater):        # the next piece after the loop's other work
-                self.dev.fleet.loop.call_soon(self._step, self.updater)
-            elif isinstance(a, up.ReadSlot):         # local flash: answered at once
-                data = self.slots.read_slot(a.slot, a.offset, a.length)
-                todo = self.handle(up.SlotRead(a.offset, data)) + todo
-            elif isinstance(a, up.Reboot):
-                # The driver lets the last report (installed) reach the broker
-                # before it resets, as a real one waits for its PUBACK, bounded.
-                self.rebooting = self.dev.fleet.loop.call_later(REBOOT_DELAY_S, self.reboot)
-                return
+    def step_later(self):                            # the next piece after the loop's other work
+        self.dev.fleet.loop.call_soon(self._step, self.updater)
 
     def _step(self, updater):
         if updater is self.updater:                  # not rebooted meanwhile
-            self.run(self.handle(up.Step()))
+            self.step_now()
 
-    def _request(self, index):
-        if self.resuming:
-            self.resuming = False
-            if index > 0:
-                self.resumed += 1
-            else:
-                self.restarted += 1
-        # Not kept while offline: after a reconnect the offer comes again and
-        # the updater asks for its cursor.
-        self.send(encode("chunk", ref=self.updater.boot.ref, i=index), keep=False)
+    def reboot_later(self):
+        # The driver lets the last report (installed) reach the broker
+        # before it resets, as a real one waits for its PUBACK, bounded.
+        self.rebooting = self.dev.fleet.loop.call_later(REBOOT_DELAY_S, self.reboot)
 
-    def send(self, payload, keep=True):
-        if self.online and self.dev.link is not None:
-            self.dev.publish(Publish(self.up_topic, payload, None), count=False)
-            return
-        if not keep:
-            return
-        if len(self.outbox) >= OUTBOX_MAX:
-            self.outbox.pop(0)
-        self.outbox.append(payload)
+    def wrote(self, slot, offset):
+        if self.fw.on_chunk_written is not None:
+            self.fw.on_chunk_written(self, offset // mf.CHUNK_BYTES)
+
+    def failed(self, error):                         # a driver bug: a failed check at the end
+        self.dev.fleet.core_errors.append("%s updater: %s" % (self.dev.identity, error))
 
     # -- what the VirtualDevice calls ------------------------------------------------
 
@@ -201,49 +152,15 @@ class OtaDevice:
         """The broker accepted a connection: hello first, then what waited."""
         self.online = True
         self.connected_ms = self.dev.fleet.now_ms()
-        self.welcomed = False
-        self.hellos = 0
-        self._hello()
-        waiting, self.outbox = self.outbox, []
-        for payload in waiting:
-            self.send(payload)
-        u = self.updater
-        # The cloud answers the hello with the offer again; the updater asks for its cursor.
-        self.resuming = u is not None and u.state == up.DOWNLOADING and u.boot.cursor > 0
-
-    def _hello(self):
-        self.hellos += 1
-        self.hello_ms = self.dev.fleet.now_ms()
-        self.dev.publish(Publish(self.up_topic, encode("hello", hw=self.fw.hw_class, ver=self.version,
-                                                       site=self.site), None), count=False)
+        self.link_up(self.connected_ms)
 
     def on_message(self, payload):
-        try:
-            op, f = parse(payload, DOWN, DOWN_BYTES_MAX)
-        except OtaError:
-            self.refused += 1
-            return
-        now = self.dev.fleet.now_ms()
-        if op == "offer":
-            self.run(self.handle(up.Offer(f["bundle"], now, f["ref"])))
-        elif op == "chunk":
-            u = self.updater
-            if u is not None and u.state == up.DOWNLOADING and u.boot.ref == f["ref"]:
-                self.run(self.handle(up.Chunk(f["i"], f["data"])))
-        elif op == "welcome":
-            self.welcomed = True
-        elif op == "error":
-            self.errors[f["why"]] = self.errors.get(f["why"], 0) + 1
-        elif op == "cancel":
-            if self.updater is not None:
-                self.run(self.handle(up.Cancel(f["ref"])))
+        self.received(payload, self.dev.fleet.now_ms())
 
     def tick(self):
-        """Called with every telemetry sample: the watchdog, and the trial's health."""
+        """Called with every telemetry sample: the hello, the watchdog, and the trial's health."""
         now = self.dev.fleet.now_ms()
-        if self.online and self.dev.link is not None and not self.welcomed and \
-                now - self.hello_ms >= HELLO_RETRY_MS and self.hellos < HELLO_TRIES_MAX:
-            self._hello()
+        self.hello_due(now)
         if self.hung_until_ms is not None:
             if now >= self.hung_until_ms:
                 self.hung_until_ms = None
@@ -253,9 +170,9 @@ class OtaDevice:
         if u is None or u.state != up.TRIAL:
             return
         if self.fate == ff.OK:
-            self.run(self.handle(up.Healthy(len(self.dev.acked) - self.acked_at_boot, now)))
+            self.feed(up.Healthy(len(self.dev.acked) - self.acked_at_boot, now))
         else:                                       # fails its health check: nothing acknowledged counts
-            self.run(self.handle(up.Tick(now)))
+            self.feed(up.Tick(now))
 
     # -- what the drill reads -----------------------------------------------------------
 
