@@ -75,6 +75,13 @@ class OtaLink:
         """Reset the board soon, once the last report is out (bounded)."""
         raise NotImplementedError
 
+    def request_chunk(self, ref, index):
+        """Ask for chunk `index` of release `ref`: over MQTT, unless the board
+        fetches it another way (board/linux_ota.py: HTTPS ranges) and feeds
+        Chunk itself. Not kept while offline: after a reconnect the offer
+        comes again and the updater asks for its cursor."""
+        self.send(encode("chunk", ref=ref, i=index), keep=False)
+
     def wrote(self, slot, offset):
         """A slot write went through (a hook for the simulator's drills)."""
 
@@ -192,9 +199,7 @@ class OtaLink:
                 self.resumed += 1
             else:
                 self.restarted += 1
-        # Not kept while offline: after a reconnect the offer comes again and
-        # the updater asks for its cursor.
-        self.send(encode("chunk", ref=self.updater.boot.ref, i=index), keep=False)
+        self.request_chunk(self.updater.boot.ref, index)
 
     def _hello(self, ticks_ms):
         if self.publish(encode("hello", hw=self.hw_class, ver=self.version, site=self.site)) is not None:

@@ -14,7 +14,8 @@ LinuxAgent owns one LinuxOta when it is given one, and calls it:
 - lost() when the connection goes;
 - on_message(payload) for each message on the update topic;
 - step(acked) once per pass of its loop, after the network: the hello
-  repeated until welcomed, one Step of an offer's verification, the
+  repeated until welcomed, one Step of an offer's verification, one chunk
+  fetched over HTTPS when the board is given `ranges` (docs/ota.md), the
   trial's health, and the reboot once the last report is acknowledged.
 
 The reboot contract: `reboot()` is called once, when the updater asked for
@@ -35,8 +36,10 @@ import subprocess
 
 import paho.mqtt.client as paho
 
+from agent import manifest as mf
 from agent import updater as up
-from agent.ota_link import OtaLink
+from agent.ota_link import ERROR_CODES_MAX, OtaLink
+from board.https_ranges import RangeError
 from board.linux import SystemClock
 
 REBOOT_WAIT_MS = 5000        # for the last report's PUBACK before the reboot, at most
@@ -53,10 +56,13 @@ def command_reboot(argv=REBOOT_COMMAND):
 
 class LinuxOta(OtaLink):
     def __init__(self, identity, config, slots, site, version_of, reboot=None, clock=None,
-                 logger=None):
+                 logger=None, ranges=None):
         """identity: "tenant/device"; config: agent.updater.Config (its hw_class
         is said in the hello); slots: a LinuxSlots; version_of(slot): the
-        version of the image in `slot` (the running one), for the hello."""
+        version of the image in `slot` (the running one), for the hello;
+        ranges: a board.https_ranges.HttpsRanges to fetch chunks over HTTPS
+        instead of asking for them over MQTT (a chunk it cannot fetch is
+        asked for over MQTT)."""
         self.logger = logger or logging.getLogger("tether.ota")
         OtaLink.__init__(self, identity, config.hw_class, site, slots, self.logger.warning)
         self.config = config
@@ -66,6 +72,10 @@ class LinuxOta(OtaLink):
         self.client = None            # the paho client while connected
         self.step_pending = False     # the updater announced StepLater
         self.reboot_by_ms = None      # set by Reboot: the reboot happens by then at the latest
+        self.ranges = ranges
+        self.fetch_pending = None     # (ref, index) to fetch over HTTPS in the next step()
+        self.fetched = 0              # chunks that came over HTTPS
+        self.fetch_errors = {}        # HTTPS failures by code (each chunk then asked over MQTT)
 
     # -- what LinuxAgent calls ---------------------------------------------------
 
@@ -97,6 +107,8 @@ class LinuxOta(OtaLink):
         if self.step_pending:
             self.step_pending = False
             self.step_now()
+        if self.fetch_pending is not None:
+            self._fetch()
         if self.updater is not None and self.updater.state == up.TRIAL:
             # Below trial_acks_min this is the trial's clock: past trial_ms_max it rolls back.
             self.feed(up.Healthy(acked, self.clock.now_ms()))
@@ -109,6 +121,12 @@ class LinuxOta(OtaLink):
             return None
         return self.client.publish(self.up_topic, payload, qos=1)
 
+    def request_chunk(self, ref, index):
+        if self.ranges is None:
+            OtaLink.request_chunk(self, ref, index)
+        else:                                        # fetched in step(), one chunk per pass
+            self.fetch_pending = (ref, index)
+
     def step_later(self):                            # fed in step(), after the network
         self.step_pending = True
 
@@ -119,6 +137,24 @@ class LinuxOta(OtaLink):
         self.logger.error("updater failed (%s): %s; updates are off until the next start",
                           error.code, error.message)
         self.step_pending = False
+
+    def _fetch(self):
+        ref, index = self.fetch_pending
+        self.fetch_pending = None
+        u = self.updater
+        if u is None or u.state != up.DOWNLOADING or u.boot.ref != ref:
+            return                                   # cancelled or rebooted meanwhile
+        try:
+            data = self.ranges.fetch(ref, index * mf.CHUNK_BYTES, mf.CHUNK_BYTES)
+        except RangeError as e:
+            code = e.code if e.code in self.fetch_errors or len(self.fetch_errors) < ERROR_CODES_MAX \
+                else "other"
+            self.fetch_errors[code] = self.fetch_errors.get(code, 0) + 1
+            self.logger.warning("chunk %d of %s over HTTPS failed (%s): asking over MQTT", index, ref, e)
+            OtaLink.request_chunk(self, ref, index)
+            return
+        self.fetched += 1
+        self.feed(up.Chunk(index, data))
 
     def _report_delivered(self):
         info = self.last_report          # rc NO_CONN: that connection was gone; never acknowledged

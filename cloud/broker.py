@@ -442,8 +442,8 @@ class Broker(AmqttBroker):
         if not der:
             reason = R_NO_CERT
         else:
-            identity, reason = _identity_from_der(der, getattr(writer, "tether_listener", "default"))
-        if reason is None and self.revoked_serials and _serial_of(der) in self.revoked_serials:
+            identity, reason = identity_from_der(der, getattr(writer, "tether_listener", "default"))
+        if reason is None and self.revoked_serials and serial_of(der) in self.revoked_serials:
             reason = R_CERT_REVOKED
         if reason is None and not _client_id_ok(identity, session.client_id):
             reason, connack = R_CLIENT_ID, IDENTIFIER_REJECTED
@@ -545,7 +545,7 @@ class Broker(AmqttBroker):
         return self.relay or is_service_topic(topic)
 
 
-def _identity_from_der(der, listener="default"):
+def identity_from_der(der, listener="default"):
     """-> (identity, None) or (identity_or_None, refusal reason). The
     provisioning listener takes claim identities and "$cloud/claims" only;
     the device listener never takes those (each listener's TLS trusts only
@@ -566,7 +566,7 @@ def _identity_from_der(der, listener="default"):
     return identity, None
 
 
-def _serial_of(der):
+def serial_of(der):
     from cryptography import x509
     return x509.load_der_x509_certificate(der).serial_number
 

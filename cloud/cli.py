@@ -50,6 +50,9 @@ def build_parser():
     s.add_argument("--port", type=int, default=8883, help="device endpoint (default 8883)")
     s.add_argument("--prov-port", type=int, default=8884,
                    help="provisioning endpoint for claim certificates (default 8884)")
+    s.add_argument("--fw-http-port", type=int, default=8885,
+                   help="firmware payloads over HTTPS range requests for boards that prefer them "
+                        "to MQTT chunks, device certificates only (default 8885; 0: off)")
     s.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
     s.add_argument("--issue", type=int, default=0, metavar="N",
                    help="issue credentials for N devices into DATA/devices before serving")

@@ -88,14 +88,14 @@ class OtaCore:
         try:
             tenant, device = device_of(topic)
         except OtaError as e:
-            self._refuse(str(topic)[:100], e)
+            self.refuse(str(topic)[:100], e)
             return []
         identity = "%s/%s" % (tenant, device)
         try:
             op, f = parse(payload, UP, UP_BYTES_MAX)
             return getattr(self, "_" + op)(identity, tenant, f, now_ms)
         except (OtaError, RolloutError) as e:
-            self._refuse(identity, e)
+            self.refuse(identity, e)
             return [(update_topic(identity), encode("error", why=e.code, ref=""))]
 
     def tick(self, now_ms):
@@ -135,7 +135,7 @@ class OtaCore:
         offer = self.engine.offer_for(identity)
         if offer is None or offer.release != f["ref"]:
             raise OtaError("%s is not offered %s now" % (identity, f["ref"]), "not_offered")
-        payload = self._blobs(offer.release)[1]
+        payload = self.blobs(offer.release)[1]
         start = f["i"] * mf.CHUNK_BYTES
         if start >= len(payload):
             raise OtaError("chunk %d is past the payload" % f["i"], "bad_index")
@@ -147,10 +147,11 @@ class OtaCore:
 
     def _offer(self, offer):
         self.counts["offers_sent"] += 1
-        bundle = self._blobs(offer.release)[0]
+        bundle = self.blobs(offer.release)[0]
         return update_topic(offer.device), encode("offer", ref=offer.release, bundle=bundle)
 
-    def _blobs(self, release):
+    def blobs(self, release):
+        """(bundle, payload) of a release, from a small cache (cloud/fw_http.py serves from it too)."""
         if release in self.cache:
             self.cache.move_to_end(release)
             return self.cache[release]
@@ -160,7 +161,8 @@ class OtaCore:
             self.cache.popitem(last=False)
         return self.cache[release]
 
-    def _refuse(self, who, error):
+    def refuse(self, who, error):
+        """Record, count and log a refused message or request."""
         code = getattr(error, "code", "refused")
         self.counts["refused"] += 1
         self.refused_by_code[code] = self.refused_by_code.get(code, 0) + 1

@@ -9,13 +9,17 @@ from cloud.service import Cloud
 
 
 async def serve(args):
-    cloud = Cloud(args.data, host=args.host, port=args.port, broker=args.broker, prov_port=args.prov_port)
+    cloud = Cloud(args.data, host=args.host, port=args.port, broker=args.broker, prov_port=args.prov_port,
+                  fw_http_port=args.fw_http_port or None)
     if args.issue:
         tenants = tuple("tenant%d" % i for i in range(max(1, args.tenants)))
         cloud.issue_devices(args.issue, tenants=tenants)
     await cloud.start()
     print("tether cloud: %s broker on mqtts://%s:%d" % (cloud.kind, cloud.host, cloud.port), flush=True)
     print("  provisioning endpoint (claim certificates): mqtts://%s:%d" % (cloud.host, cloud.prov_port))
+    if cloud.fw_http is not None:
+        print("  firmware over HTTPS ranges (device certificates): https://%s:%d/fw/<release>"
+              % (cloud.host, cloud.fw_http_port))
     print("  CA bundle:   %s" % cloud.ca_path)
     print("  credentials: %s" % os.path.join(cloud.data_dir, "devices"))
     print("  store:       %s" % cloud.store_path, flush=True)

@@ -19,8 +19,8 @@ import socket
 import time
 
 from cloud.broker import Broker
-from cloud.ca import (CA, CLAIMS_IDENTITY, INGEST_IDENTITY, PROVISIONER_IDENTITY, load_cert,
-                      write_private, write_public)
+from cloud.ca import (CA, CLAIMS_IDENTITY, INGEST_IDENTITY, PROVISIONER_IDENTITY, is_cloud_identity,
+                      load_cert, write_private, write_public)
 from cloud import probe
 from cloud.errors import CloudError
 from cloud.identity import Registry
@@ -78,7 +78,9 @@ class DeviceCredential:
 
 class Cloud:
     def __init__(self, data_dir, host="127.0.0.1", port=0, broker="embedded", limits=None,
-                 prov_port=0, cert_s=None):
+                 prov_port=0, cert_s=None, fw_http_port=None):
+        """fw_http_port: firmware over HTTPS ranges (cloud/fw_http.py) on this
+        port, 0 for a free one; None: not served."""
         if broker not in ("embedded", "mosquitto"):
             raise ValueError("broker must be embedded or mosquitto")
         self.data_dir = os.path.abspath(data_dir)
@@ -102,6 +104,8 @@ class Cloud:
         self.cert_s = cert_s
         self.provision_service = None
         self.ota_service = None
+        self.fw_http = None
+        self.fw_http_port = fw_http_port
         self.support_service = None
         self._serials = frozenset()
         self.server_cert, self.server_key = self.ca.issue_server(os.path.join(self.data_dir, "broker"))
@@ -249,6 +253,29 @@ class Cloud:
         self.ota_service = OtaService(os.path.join(self.data_dir, "rollouts.db"), self.host, self.port,
                                       self.ca_path, self._client_files(self.ca, "ota", OTA_IDENTITY))
         await self.ota_service.start()
+        if self.fw_http_port is not None:
+            from cloud.broker import server_context
+            from cloud.fw_http import FirmwareHttp
+            self.fw_http = FirmwareHttp(self.ota_service, server_context(
+                self.ca_path, self.server_cert, self.server_key), self.host, self.fw_http_port,
+                self.admit_https)
+            await self.fw_http.start()
+            self.fw_http_port = self.fw_http.port
+
+    def admit_https(self, der):
+        """(identity, None), or (identity or None, refusal code), for a client
+        certificate on the firmware HTTPS endpoint: what the broker's device
+        listener admits, with revocations and retired certificates as they
+        are now."""
+        from cloud.broker import identity_from_der, serial_of
+        identity, reason = identity_from_der(der)
+        if reason is None and is_cloud_identity(identity):
+            reason = "cloud_identity"
+        if reason is None and identity in self.revoked:
+            reason = "revoked"
+        if reason is None and serial_of(der) in self._serials:
+            reason = "cert_revoked"
+        return identity, reason
 
     async def sync_serials(self):
         """Certificates retired by a rotation (or of revoked identities) are
@@ -485,6 +512,9 @@ class Cloud:
         if self.support_service is not None:
             await self.support_service.stop()
             self.support_service = None
+        if self.fw_http is not None:
+            await self.fw_http.stop()
+            self.fw_http = None
         if self.ota_service is not None:
             await self.ota_service.stop()
             self.ota_service = None

@@ -20,6 +20,7 @@ LinuxAgent starts on the same directories, which runs slots.boot().
 import asyncio
 import hashlib
 import os
+import ssl
 import time
 
 import pytest
@@ -28,6 +29,7 @@ from agent import manifest as mf
 from agent import telemetry
 from agent import updater as up
 from agent.ota_wire import encode
+from board.https_ranges import HttpsRanges
 from board.linux import LinuxAgent
 from board.linux_ota import LinuxOta
 from board.linux_slots import BOOT_ENV, FileEnv, LinuxSlots, parse_env
@@ -94,7 +96,10 @@ class Board:
     slot 0, security version 1) is flashed once; `agent` is the process
     running now, replaced at each reboot."""
 
-    def __init__(self, cloud, root, name, samples=True, trial_ms_max=20000, fault=None):
+    def __init__(self, cloud, root, name, samples=True, trial_ms_max=20000, fault=None, https=False,
+                 https_port=None):
+        """https: fetch chunks over the cloud's HTTPS ranges (at https_port,
+        default the cloud's) instead of MQTT."""
         self.cloud, self.root, self.name = cloud, str(root), name
         self.identity = "acme/" + name
         self.cred = cloud.issue_device("acme", name)
@@ -102,6 +107,7 @@ class Board:
         self.config = up.Config(HW, ff.root_public_key(), k=2, trial_acks_min=TRIAL_ACKS_MIN,
                                 trial_ms_max=trial_ms_max)
         self.fault = fault
+        self.https_port = (https_port or cloud.fw_http_port) if https else None
         self.reboots = 0
         self.report_acked_at_reboot = []   # was the last report acknowledged when reboot() came
         slots = self.slots()
@@ -120,9 +126,14 @@ class Board:
 
     def start(self):
         """A process starts: a fresh agent on the same directories, booted."""
-        ota = LinuxOta(self.identity, self.config, self.slots(), "site-0", self.version_of,
-                       reboot=self.reboot)
         c = self.cloud
+        ranges = None
+        if self.https_port is not None:
+            ctx = ssl.create_default_context(cafile=c.ca_path)
+            ctx.load_cert_chain(self.cred.certfile, self.cred.keyfile)
+            ranges = HttpsRanges(c.host, self.https_port, ctx, timeout_s=2)
+        ota = LinuxOta(self.identity, self.config, self.slots(), "site-0", self.version_of,
+                       reboot=self.reboot, ranges=ranges)
         self.agent = LinuxAgent(os.path.join(self.root, "data"), "acme", self.name, c.host, c.port,
                                 c.ca_path, self.cred.certfile, self.cred.keyfile,
                                 config=telemetry.Config(backoff_base_ms=100, backoff_cap_ms=800), ota=ota)
