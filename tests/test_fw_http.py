@@ -201,6 +201,20 @@ async def test_a_revoked_device_and_a_cloud_identity_are_refused(cloud):
     assert {"revoked", "cloud_identity"} <= set(refusal_codes(cloud))
 
 
+async def test_a_certificate_retired_by_a_rotation_is_refused(cloud):
+    from cryptography import x509
+    cred = offered(cloud, "dev-1")
+    started(cloud)
+    assert (await get(cloud, cred))[0] == 206
+    with open(cred.certfile, "rb") as f:
+        serial = x509.load_pem_x509_certificate(f.read()).serial_number
+    cloud.provisioning._retire(format(serial, "x"), "acme/dev-1", "superseded (test)")
+    cloud.provisioning.db.commit()
+    await cloud.sync_serials()
+    status, _, body = await get(cloud, cred)
+    assert (status, body) == (403, b"cert_revoked\n")
+
+
 async def test_no_client_certificate_no_tls(cloud):
     def run():
         ctx = ssl.create_default_context(cafile=cloud.ca_path)
