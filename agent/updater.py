@@ -363,6 +363,7 @@ class Updater:
         self._verifier = None     # ChunkVerifier while downloading or checking
         self._release = None      # ReleaseVerifier while verifying
         self._verdict = None      # its Manifest, once it has one
+        self._read_abandoned = False  # a Cancel came while a ReadSlot was unanswered
         self._offered = None      # (ref, now_ms) of the Offer being verified, not its bundle
         self._trial_start_ms = None
 
@@ -380,6 +381,10 @@ class Updater:
 
     def _handle(self, event):
         kind = type(event)
+        if kind is SlotRead and self._read_abandoned:
+            # The answer to the read a Cancel abandoned (while resuming).
+            self._read_abandoned = False
+            return []
         name = TRANSITIONS.get((self.state, kind))
         if name is None:
             if self.state != OFF and kind in _IGNORED:
@@ -491,6 +496,11 @@ class Updater:
         return self._save(boot) + [RequestChunk(0)]
 
     def _rerequest(self, event):
+        """The offer again (after a reconnect): ask for the cursor. An offer of
+        another release means this one was withdrawn (its Cancel lost while
+        the device was away): drop it and take the new one."""
+        if event.ref != self.boot.ref:
+            return self._reject("superseded") + self._offer(event)
         return [RequestChunk(self.boot.cursor)]
 
     def _chunk(self, event):
@@ -561,6 +571,7 @@ class Updater:
         ref = self._offered[0] if self.state == VERIFYING else self.boot.ref
         if event.ref != ref:
             return []  # about another release: not ours to drop
+        self._read_abandoned = self.state == RESUMING
         return self._reject("cancelled", ref)
 
     def _reject(self, reason, ref=None):

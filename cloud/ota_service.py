@@ -134,7 +134,11 @@ class OtaCore:
     def _chunk(self, identity, tenant, f, now_ms):
         offer = self.engine.offer_for(identity)
         if offer is None or offer.release != f["ref"]:
-            raise OtaError("%s is not offered %s now" % (identity, f["ref"]), "not_offered")
+            # Refused, and the download withdrawn: a device that missed the
+            # cancel (offline then, sessions are clean) would ask forever.
+            self.refuse(identity, OtaError("%s is not offered %s now" % (identity, f["ref"]), "not_offered"))
+            return [(update_topic(identity), encode("error", why="not_offered", ref=f["ref"])),
+                    (update_topic(identity), encode("cancel", ref=f["ref"], why="not offered now"))]
         payload = self.blobs(offer.release)[1]
         start = f["i"] * mf.CHUNK_BYTES
         if start >= len(payload):

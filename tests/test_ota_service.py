@@ -180,6 +180,10 @@ async def test_hostile_messages_are_refused_with_a_reason(cloud):
         core = cloud.ota_service.core
         assert core.counts["refused"] == len(HOSTILE)
         assert [r["code"] for r in core.refusals] == [code for _, code in HOSTILE]
+        # A chunk of a release not offered is also withdrawn, so a device
+        # that missed the cancel (offline then) does not ask forever.
+        assert await wait_until(lambda: answers(dev, "cancel"))
+        assert [c["ref"] for c in answers(dev, "cancel")] == [GOOD]
         # The service goes on: a well-formed hello is welcomed.
         assert await hello(dev, me)
         assert await wait_until(lambda: answers(dev, "welcome"))

@@ -644,3 +644,41 @@ def test_an_offer_between_a_rollback_and_its_reset_is_ignored():
     assert actions[-1] == up.Reboot() and u.state == up.REBOOTING
     assert u.boot.phase == up.ROLLED_BACK and u.boot.reason == "trial_timeout"
     assert u.handle(up.Offer(NEW_BUNDLE, NOW_MS, "rel-3")) == [] and u.state == up.REBOOTING
+
+
+def test_the_answer_to_a_read_a_cancel_abandoned_is_dropped():
+    """Found by review: a Cancel while resuming, then the answer to the slot
+    read it had asked for, put the updater in "error" (updates off)."""
+    device = Device()
+    device.power_on()
+    device.feed(up.Offer(NEW_BUNDLE, NOW_MS, "rel-2"))
+    device.feed(up.Chunk(0, chunks(NEW_BIN)[0]))
+    device.power_on()                                 # a cut mid-download
+    assert device.state == up.RESUMING and device.reads
+    device.feed(up.Cancel("rel-2"))                   # the rollout was halted
+    assert device.state == up.REJECTED
+    device.answer_read()                              # the read it had asked for
+    assert device.state == up.REJECTED
+    device.feed(up.Offer(NEW_BUNDLE, NOW_MS, "rel-3"))   # and it takes the next offer
+    drive(device)
+    assert device.state == up.CONFIRMED
+
+
+def test_an_offer_of_another_release_supersedes_a_download_whose_cancel_was_lost():
+    """Found by review: a device downloading release A whose cancel it never
+    got (offline, clean sessions) kept asking for A when offered B."""
+    device = Device()
+    device.power_on()
+    device.feed(up.Offer(NEW_BUNDLE, NOW_MS, "rel-A"))
+    device.feed(up.Chunk(0, chunks(NEW_BIN)[0]))
+    device.requests = []
+    device.feed(up.Offer(NEW_BUNDLE, NOW_MS, "rel-A"))   # the same offer again: the cursor
+    assert device.requests == [1]
+    device.requests = []
+    device.feed(up.Offer(NEW_BUNDLE, NOW_MS, "rel-B"))
+    assert ("rejected", "superseded") in [r[:2] for r in device.reports]
+    assert device.state == up.DOWNLOADING and device.updater.boot.ref == "rel-B"
+    assert device.requests == [0]
+    drive(device)
+    assert device.state == up.CONFIRMED
+
