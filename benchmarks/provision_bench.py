@@ -36,7 +36,7 @@ from cloud.ca import CA  # noqa: E402
 from cloud.identity import Registry  # noqa: E402
 from cloud.provision import Provisioning  # noqa: E402
 from cloud.service import Cloud  # noqa: E402
-from simulator.enroller import Enroller, IdentityBoard  # noqa: E402
+from board.enroller import Enroller, IdentityBoard  # noqa: E402
 
 
 def clock_ms():

@@ -92,17 +92,20 @@ class LinuxAgent:
     the core's backoff decides when to try again.
 
     ota: a board.linux_ota.LinuxOta to run firmware updates over the same
-    connection (docs/firmware-boards.md), or None."""
+    connection (docs/firmware-boards.md), or None. key_password: of an
+    encrypted keyfile (board/keystore.py FileKeystore): ssl decrypts it at
+    each connect, so no clear copy of the key is ever written."""
 
     def __init__(self, root, tenant, device, host, port, cafile, certfile, keyfile,
-                 config=None, codec=None, clock=None, rng=None, logger=None, ota=None):
+                 config=None, codec=None, clock=None, rng=None, logger=None, ota=None,
+                 key_password=None):
         self.storage = FileStorage(root)
         self.clock = clock or SystemClock()
         self.core = telemetry.Telemetry(tenant, device, codec or CODEC, rng or SystemRng(), config)
         self.identity = "%s/%s" % (tenant, device)
         self.host, self.port = host, port
         self.log = logger or logging.getLogger("tether.agent")
-        self.tls = (cafile, certfile, keyfile)
+        self.tls = (cafile, certfile, keyfile, key_password)
         self.client = None
         self.mids = {}
         self.sent_ms = {}   # mid -> when published, for the PUBACK timeout
@@ -158,10 +161,10 @@ class LinuxAgent:
     def _connect(self):
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.identity,
                              clean_session=True)
-        cafile, certfile, keyfile = self.tls
+        cafile, certfile, keyfile, password = self.tls
         ctx = ssl.create_default_context(cafile=cafile)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(certfile, keyfile)
+        ctx.load_cert_chain(certfile, keyfile, password)
         client.tls_set_context(ctx)
         client.tls_insecure_set(False)
         client.max_inflight_messages_set(self.core.config.inflight_max)

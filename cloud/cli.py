@@ -14,6 +14,7 @@ without loss or silent gaps.
   tether cloud claim | allow | approve | enrollments   provisioning by claim
   tether cloud revoke | quarantine | release | audit    identity operations
   tether fw keygen | keyset | build | sign | verify | inspect   signed firmware
+  tether agent enroll | run   the agent on a Linux board
 """
 
 
@@ -72,6 +73,8 @@ def build_parser():
 
     from simulator import run as sim_run
     sim_run.add_parser(sub)
+    from board import linux_main  # `tether agent enroll | run` on a Linux board
+    linux_main.add_parser(sub)
     return p
 
 
@@ -102,10 +105,15 @@ def main(argv=None):
     if args.command == "sim" and args.sim_command == "run":
         from simulator.run import main as run_main
         return run_main(args)
+    if args.command == "agent" and args.agent_command in ("enroll", "run"):
+        from board import linux_main
+        return linux_main.main(args)
     if args.command == "cloud":
         parser.parse_args(["cloud", "--help"])
     if args.command == "sim":
         parser.parse_args(["sim", "--help"])
+    if args.command == "agent":
+        parser.parse_args(["agent", "--help"])
     parser.print_help()
     return 2
 

@@ -178,7 +178,7 @@ class Cloud:
         return cert, key
 
     def endpoints(self):
-        """Where devices connect: for simulator.enroller.Enroller and the CLI."""
+        """Where devices connect: for board.enroller.Enroller and the CLI."""
         return {"host": self.host, "device_port": self.port, "prov_port": self.prov_port,
                 "cafile": self.ca_path, "server_name": "localhost"}
 

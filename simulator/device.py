@@ -10,7 +10,7 @@ from agent.actions import Append, Connect, Log, Publish, UseIdentity, WriteAtomi
 from agent.errors import LocalError, MQTTError
 from board.codec import CODEC
 from board.sim import SimFlash, SimRng
-from simulator.enroller import Enroller, refusal_reason
+from board.enroller import Enroller, refusal_reason
 from simulator.keys import KeySet
 
 KEEPALIVE_S = 60
@@ -80,7 +80,7 @@ class VirtualDevice:
         self.identity = "%s/%s" % (tenant, device)
         self.ssl_context = ssl_context
         self.flash = flash if flash is not None else SimFlash()
-        # An enrolled device (simulator/enroller.py) also runs its identity
+        # An enrolled device (board/enroller.py) also runs its identity
         # core: rotation before expiry, over this same connection.
         self.id_core = id_core
         self.id_board = id_board
@@ -167,7 +167,7 @@ class VirtualDevice:
 
     def recover(self, actions):
         """The certificate expired (or is refused): go to the claim endpoint
-        with the identity core (simulator/enroller.py), prove the key of the
+        with the identity core (board/enroller.py), prove the key of the
         old certificate, come back with a new one. Telemetry queues meanwhile."""
         if self.fleet.claim is None:
             self.note("identity_recovery_needed", self.id_core.last_reason)

@@ -16,7 +16,7 @@ from agent import enroll, mqtt
 from board.keystore import FlashKeystore
 from board.sim import SimFlash, SimRng
 from cloud import probe
-from simulator.enroller import Enroller, IdentityBoard
+from board.enroller import Enroller, IdentityBoard
 from simulator.verify import Check
 
 BATCH = "factory-1"

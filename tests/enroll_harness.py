@@ -18,7 +18,7 @@ from board.sim import PowerCut, SimClock, SimFlash, SimRng
 from cloud.ca import CA, identity_of, load_cert
 from cloud.identity import Registry
 from cloud.provision import Provisioning
-from simulator.enroller import IdentityBoard
+from board.enroller import IdentityBoard
 
 BATCH = "b1"
 CLAIM = "claim:" + BATCH

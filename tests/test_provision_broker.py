@@ -1,6 +1,6 @@
 """Provisioning by claim, rotation and recovery over real mTLS MQTT, on both
 brokers, with the real cloud (cloud/service.py) and the agent's identity
-core on the simulated board (simulator/enroller.py). Each control is also
+core on the simulated board (board/enroller.py). Each control is also
 attacked: claim certificates publishing telemetry or reading another
 device's answer, claim or device certificates on the wrong endpoint, a
 quota overrun, a retired certificate reused."""
@@ -16,7 +16,7 @@ from board.keystore import FlashKeystore
 from board.sim import SimFlash, SimRng
 from cloud import probe
 from cloud.service import Cloud
-from simulator.enroller import Enroller, IdentityBoard
+from board.enroller import Enroller, IdentityBoard
 
 from brokers import require_kind, wait_until
 

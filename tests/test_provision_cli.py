@@ -12,7 +12,7 @@ from agent import enroll
 from board.keystore import FlashKeystore
 from board.sim import SimFlash, SimRng
 from cloud.service import Cloud
-from simulator.enroller import Enroller, IdentityBoard
+from board.enroller import Enroller, IdentityBoard
 
 from brokers import wait_until
 

@@ -11,7 +11,7 @@ from agent.events import Tick
 from board.keystore import FlashKeystore
 from board.sim import SimFlash, SimRng
 from cloud.service import Cloud
-from simulator.enroller import Enroller, IdentityBoard
+from board.enroller import Enroller, IdentityBoard
 
 
 def clock_ms():

@@ -1,9 +1,13 @@
-"""Drivers for the identity core (agent/enroll.py) on the simulated board.
+"""Drivers for the identity core (agent/enroll.py) on any CPython board: the
+simulator's virtual devices (board.sim flash and keystores) and a Linux
+board (`tether agent enroll`, board/linux_main.py: FileStorage and
+FileKeystore). Here, not in simulator/, so a board command does not
+import the simulator.
 
 `IdentityBoard` carries out the core's key and storage actions (MakeKey,
-Sign, WriteAtomic, DeleteKey) with a keystore and flash, feeding the
-answers back, and hands transport actions (UseIdentity, Publish, Log) to
-its caller.
+Sign, WriteAtomic, DeleteKey) with a keystore and a storage (anything with
+write_atomic: SimFlash, board.linux.FileStorage), feeding the answers back,
+and hands transport actions (UseIdentity, Publish, Log) to its caller.
 
 `Enroller` is one device enrolling by claim (or recovering an expired
 certificate) over real mTLS MQTT: it connects to the provisioning endpoint
@@ -13,11 +17,14 @@ with a proven identity (a connection the device endpoint accepted).
 
 import asyncio
 import ssl
+import warnings
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from agent import enroll, mqtt
 from agent.actions import DeleteKey, Log, MakeKey, Publish, Sign, UseIdentity, WriteAtomic
 from agent.events import ConnectionLost, Connected, KeyMade, Message, PubAcked, Refused, Signed, Tick
-from cloud import probe
 
 CSR_SUBJECT = "tether device"  # the cloud decides the identity, never the CSR
 CONNECT_TIMEOUT_S = 10
@@ -146,12 +153,12 @@ class Enroller:
         use = self.use
         if use.name is None:
             port, client_id, answer_topic = self.ep["prov_port"], self.hwid, None
-            ctx = probe.client_context(self.ep["cafile"], self.claim)
+            ctx = claim_context(self.ep["cafile"], self.claim)
             answer_topic = enroll.claim_topics(self.core.config.claim, self.hwid)[1]
         else:
             port = self.ep["device_port"]
             ctx = self.board.keystore.client_context(use.name, use.cert, self.ep["cafile"])
-            client_id = _cert_identity(use.cert)
+            client_id = cert_identity(use.cert)
             answer_topic = enroll.device_topics(client_id)[1]
         try:
             self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
@@ -221,6 +228,24 @@ class Enroller:
                 pass
 
 
-def _cert_identity(cert):
-    from cloud.ca import identity_of
-    return identity_of(bytes(cert))
+def claim_context(cafile, claim):
+    """An mTLS client context for the batch's claim certificate (files)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile)
+    ctx.load_cert_chain(claim[0], claim[1])
+    return ctx
+
+
+def cert_identity(cert):
+    """The subject CN of a certificate (PEM or DER bytes): its identity."""
+    data = bytes(cert)
+    c = x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----") \
+        else x509.load_der_x509_certificate(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CNs over 64 characters (cloud/ca.py CN_LEN_X509_MAX)
+        names = c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str):
+        raise ValueError("certificate must have exactly one subject CN")
+    return names[0].value
+
