@@ -134,11 +134,13 @@ class OtaCore:
     def _chunk(self, identity, tenant, f, now_ms):
         offer = self.engine.offer_for(identity)
         if offer is None or offer.release != f["ref"]:
-            # Refused, and the download withdrawn: a device that missed the
-            # cancel (offline then, sessions are clean) would ask forever.
             self.refuse(identity, OtaError("%s is not offered %s now" % (identity, f["ref"]), "not_offered"))
-            return [(update_topic(identity), encode("error", why="not_offered", ref=f["ref"])),
-                    (update_topic(identity), encode("cancel", ref=f["ref"], why="not offered now"))]
+            out = [(update_topic(identity), encode("error", why="not_offered", ref=f["ref"]))]
+            if self._known(f["ref"]):
+                # A release of ours, withdrawn: a device that missed the cancel
+                # (offline then, sessions are clean) would ask for it forever.
+                out.append((update_topic(identity), encode("cancel", ref=f["ref"], why="not offered now")))
+            return out
         payload = self.blobs(offer.release)[1]
         start = f["i"] * mf.CHUNK_BYTES
         if start >= len(payload):
@@ -153,6 +155,13 @@ class OtaCore:
         self.counts["offers_sent"] += 1
         bundle = self.blobs(offer.release)[0]
         return update_topic(offer.device), encode("offer", ref=offer.release, bundle=bundle)
+
+    def _known(self, release):
+        try:
+            self.engine.release(release)
+        except RolloutError:
+            return False
+        return True
 
     def blobs(self, release):
         """(bundle, payload) of a release, from a small cache (cloud/fw_http.py serves from it too)."""

@@ -166,6 +166,7 @@ HOSTILE = [
     (b"\xa0" + b"\x00" * 600, "too_big"),
     (ota.encode("report", st="confirmed", why="", seq=7, ref=GOOD), "unknown_device"),
     (ota.encode("chunk", ref=GOOD, i=0), "not_offered"),
+    (ota.encode("chunk", ref="no-such-release", i=0), "not_offered"),
 ]
 
 
@@ -180,8 +181,9 @@ async def test_hostile_messages_are_refused_with_a_reason(cloud):
         core = cloud.ota_service.core
         assert core.counts["refused"] == len(HOSTILE)
         assert [r["code"] for r in core.refusals] == [code for _, code in HOSTILE]
-        # A chunk of a release not offered is also withdrawn, so a device
-        # that missed the cancel (offline then) does not ask forever.
+        # A chunk of a release not offered is also withdrawn (a release the
+        # cloud knows: nothing to withdraw otherwise), so a device that
+        # missed the cancel (offline then) does not ask forever.
         assert await wait_until(lambda: answers(dev, "cancel"))
         assert [c["ref"] for c in answers(dev, "cancel")] == [GOOD]
         # The service goes on: a well-formed hello is welcomed.
