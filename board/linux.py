@@ -10,8 +10,9 @@ import time
 import paho.mqtt.client as paho
 
 from agent import events, telemetry
-from agent.actions import Append, Connect, Log, Publish, WriteAtomic
+from agent.actions import Append, Connect, Log, Publish, UseIdentity, WriteAtomic
 from board.codec import CODEC
+from board.enroller import refusal_reason
 
 
 class FileStorage:
@@ -94,11 +95,17 @@ class LinuxAgent:
     ota: a board.linux_ota.LinuxOta to run firmware updates over the same
     connection (docs/firmware-boards.md), or None. key_password: of an
     encrypted keyfile (board/keystore.py FileKeystore): ssl decrypts it at
-    each connect, so no clear copy of the key is ever written."""
+    each connect, so no clear copy of the key is ever written.
+
+    id_driver: a board.linux_identity.LinuxIdentity to rotate the
+    certificate over this connection (and recover an expired one), or None.
+    With it, the TLS context of each connect is the id_driver's (the
+    certificate it says is in force), not certfile/keyfile; its link
+    events are its own (Refused before a CONNACK, ConnectionLost after)."""
 
     def __init__(self, root, tenant, device, host, port, cafile, certfile, keyfile,
                  config=None, codec=None, clock=None, rng=None, logger=None, ota=None,
-                 key_password=None):
+                 key_password=None, id_driver=None):
         self.storage = FileStorage(root)
         self.clock = clock or SystemClock()
         self.core = telemetry.Telemetry(tenant, device, codec or CODEC, rng or SystemRng(), config)
@@ -112,10 +119,16 @@ class LinuxAgent:
         self.inbox = []
         self.ota = ota
         self.acked = 0      # telemetry records acknowledged since this process started
+        self.id_driver = id_driver
+        self.id_inbox = []  # events for the identity core, after the telemetry core's
+        self.accepted = False   # the broker sent CONNACK 0 on self.client
+        self.sock_error = None  # what paho last logged as a socket error (a TLS alert, say)
 
     def boot(self):
         if self.ota is not None:
             self.ota.boot()
+        if self.id_driver is not None:
+            self.carry(self.id_driver.boot())     # a candidate left by a power cut is tried first
         self.execute(self.core.boot(self.storage.read("state"), self.storage.read("queue")))
 
     def sample(self, readings):
@@ -127,6 +140,7 @@ class LinuxAgent:
     def step(self, timeout_s=0.05):
         """Run the network for a moment and hand what happened to the core."""
         self.feed(events.Tick(self.clock.now_ms()))
+        self.feed_identity(events.Tick(self.clock.now_ms()))
         if self.client is not None:
             if self.ota is not None and self.ota.step_pending:
                 timeout_s = 0       # a signature check goes on: serve the network, do not wait
@@ -138,17 +152,37 @@ class LinuxAgent:
                 self._lost("no PUBACK in %d ms" % ACK_TIMEOUT_MS)
         while self.inbox:
             self.feed(self.inbox.pop(0))
+        while self.id_inbox:
+            self.feed_identity(self.id_inbox.pop(0))
         if self.ota is not None:
             self.ota.step(self.acked)
+
+    def feed_identity(self, event):
+        if self.id_driver is not None:
+            self.carry(self.id_driver.handle(event))
+
+    def carry(self, actions):
+        """The identity core's transport actions."""
+        for action in actions:
+            if isinstance(action, Publish):
+                if self.accepted:
+                    self._publish(action)   # not connected: the core asks again (confirm, timeout)
+            elif isinstance(action, UseIdentity) and self.client is not None:
+                # Reconnect with that certificate: the telemetry core's backoff
+                # decides when, and the next connect takes the id_driver's context.
+                self._lost("reconnecting with another certificate", chosen=True)
+
+    def _publish(self, action):
+        info = self.client.publish(action.topic, action.payload, qos=1)
+        self.mids[info.mid] = action.token
+        self.sent_ms[info.mid] = self.clock.ticks_ms()
 
     def execute(self, actions):
         for action in actions:
             if isinstance(action, Publish):
                 if self.client is None:
                     continue  # lost meanwhile: ConnectionLost is queued; the core resends
-                info = self.client.publish(action.topic, action.payload, qos=1)
-                self.mids[info.mid] = action.token
-                self.sent_ms[info.mid] = self.clock.ticks_ms()
+                self._publish(action)
             elif isinstance(action, Append):
                 self.storage.append(action.name, action.data)
             elif isinstance(action, WriteAtomic):
@@ -161,32 +195,55 @@ class LinuxAgent:
     def _connect(self):
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.identity,
                              clean_session=True)
-        cafile, certfile, keyfile, password = self.tls
-        ctx = ssl.create_default_context(cafile=cafile)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(certfile, keyfile, password)
-        client.tls_set_context(ctx)
+        client.tls_set_context(self._context())
         client.tls_insecure_set(False)
         client.max_inflight_messages_set(self.core.config.inflight_max)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
-        if self.ota is not None:
+        client.on_log = self._on_log
+        if self.ota is not None or self.id_driver is not None:
             client.on_message = self._on_message
         self.client = client
+        self.accepted = False
+        self.sock_error = None
         try:
             client.connect(self.host, self.port, keepalive=60)
         except (OSError, ssl.SSLError) as e:
             self.client = None
             self.inbox.append(events.ConnectionLost(self.clock.now_ms(), "connect failed: %s" % e))
+            if isinstance(e, ssl.SSLError):       # the handshake refused our certificate (TLS 1.2)
+                self.id_inbox.append(events.Refused(self.clock.now_ms(), refusal_reason(e)))
+            else:
+                self.id_inbox.append(events.ConnectionLost(self.clock.now_ms(), str(e)))
+
+    def _context(self):
+        if self.id_driver is not None:
+            return self.id_driver.context()
+        cafile, certfile, keyfile, password = self.tls
+        ctx = ssl.create_default_context(cafile=cafile)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(certfile, keyfile, password)
+        return ctx
+
+    def _on_log(self, client, userdata, level, text):
+        if level == paho.MQTT_LOG_ERR and client is self.client:
+            self.sock_error = text
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if client is not self.client:
+            return
         if reason_code == 0:
+            self.accepted = True
             self.inbox.append(events.Connected(self.clock.now_ms()))
             if self.ota is not None:
                 self.ota.connected(client)
+            if self.id_driver is not None:
+                client.subscribe(self.id_driver.answer_topic, qos=1)
+                self.id_inbox.append(events.Connected(self.clock.now_ms()))
         else:
-            self._lost("refused: %s" % reason_code)
+            # "Not authorized" -> not_authorized, as the identity core names refusals
+            self._lost("refused: %s" % reason_code, str(reason_code).lower().replace(" ", "_"))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if client is self.client:
@@ -200,13 +257,27 @@ class LinuxAgent:
             self.acked += 1
 
     def _on_message(self, client, userdata, message):
-        if client is self.client and message.topic == self.ota.down_topic:
+        if client is not self.client:
+            return
+        if self.ota is not None and message.topic == self.ota.down_topic:
             self.ota.on_message(message.payload)
+        elif self.id_driver is not None and message.topic == self.id_driver.answer_topic:
+            self.id_inbox.append(events.Message(self.clock.now_ms(), message.topic, message.payload))
 
-    def _lost(self, reason):
+    def _lost(self, reason, refused=None, chosen=False):
         """The connection is gone. PUBACKs already received stay queued ahead
-        of the loss, so the core removes those records and resends the rest."""
+        of the loss, so the core removes those records and resends the rest.
+        The identity core hears a refusal of its certificate (a CONNACK
+        refusal, a TLS alert, or closed before any CONNACK: TLS 1.3 refuses a
+        client certificate after the handshake), else a lost connection;
+        chosen: we drop it ourselves, which refuses nothing."""
         client, self.client = self.client, None
+        if client is not None and self.id_driver is not None:
+            if refused is None and not self.accepted and not chosen:
+                refused = refusal_reason(self.sock_error) if self.sock_error else "closed"
+            self.id_inbox.append(events.Refused(self.clock.now_ms(), refused) if refused is not None
+                                 else events.ConnectionLost(self.clock.now_ms(), reason))
+        self.accepted = False
         self.mids.clear()
         self.sent_ms.clear()
         if self.ota is not None:

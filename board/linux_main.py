@@ -7,8 +7,10 @@ device endpoint accepted the new certificate and the cloud confirmed it.
 
 run: LinuxAgent (board/linux.py, the telemetry core on paho) with that
 identity, a sample every interval (built-in readings of the board, or a
-command's JSON), and firmware updates through LinuxOta when --slots is
-given; until SIGTERM or SIGINT.
+command's JSON), firmware updates through LinuxOta when --slots is
+given, and the identity core over the same connection (board/linux_identity.py:
+rotation before expiry; recovery of an expired certificate with the claim
+options); until SIGTERM or SIGINT.
 
 What lives under DATA (created 0700):
 
@@ -37,7 +39,6 @@ import sys
 import tempfile
 import time
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent import enroll
@@ -46,6 +47,7 @@ from agent.events import ConnectionLost, Refused
 from board.enroller import Enroller, IdentityBoard, cert_identity
 from board.keystore import FileKeystore
 from board.linux import FileStorage, LinuxAgent, SystemClock, SystemRng
+from board.linux_identity import LinuxIdentity, Recovery, pem
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2
 
@@ -119,6 +121,17 @@ next start runs the new image on trial and confirms it after 3
 acknowledged telemetry records, or rolls back. When the reboot command
 returns, the agent stops (exit 0): the board is going down, and the next
 start acts on the boot record.
+
+The certificate (30 days by default) is rotated at two thirds of its
+lifetime over the same connection: a new key in the other slot of
+DATA/keys, the cloud's new certificate tried on a new connection, the old
+key erased and the old certificate retired once it works; DATA/identity.crt
+then holds the new one. A power cut at any point leaves a working identity.
+A certificate that expired anyway (the board was off through its lifetime)
+is recovered through the provisioning endpoint when run is given
+--prov-url, --claim-cert, --claim-key and --hwid (as enroll takes them; the
+loop waits up to 60 s for it, no samples meanwhile); without them the error
+is logged, and `tether agent enroll` recovers it.
 
 It runs until SIGTERM or SIGINT, then disconnects and exits 0; the queue is
 on disk at every sample, so nothing is lost by a stop or a crash. Run it as
@@ -197,6 +210,11 @@ def add_parser(sub):
     u.add_argument("--version-command", metavar="CMD",
                    help="prints the running image's version; run with TETHER_SLOT and TETHER_SLOT_PATH "
                    "set (default: VERSION_ID from /etc/os-release)")
+    c = r.add_argument_group("recovery of an expired certificate (give all four, as `enroll` takes them)")
+    c.add_argument("--prov-url", metavar="HOST:PORT", help="the provisioning endpoint")
+    c.add_argument("--claim-cert", metavar="FILE", help="the batch's claim certificate")
+    c.add_argument("--claim-key", metavar="FILE", help="the batch's claim key")
+    c.add_argument("--hwid", metavar="ID", help="this board's hardware id, as allowlisted")
     r.add_argument("--server-name", default="localhost", help="name in the broker's certificate")
     r.add_argument("--verbose", action="store_true")
 
@@ -239,13 +257,6 @@ class BoardKeystore(FileKeystore):
 
 def keystore(data, kek=None):
     return BoardKeystore(os.path.join(data, KEYS_DIR), kek)
-
-
-def pem(cert):
-    data = bytes(cert)
-    if data.lstrip().startswith(b"-----"):
-        return data
-    return x509.load_der_x509_certificate(data).public_bytes(serialization.Encoding.PEM)
 
 
 def read_file(path, what):
@@ -479,6 +490,32 @@ def make_ota(args, identity, stop):
                     reboot=reboot, logger=logging.getLogger("tether.ota"))
 
 
+NO_CLAIM = "none"   # Config's hwid and claim when run cannot recover: no request ever names them
+
+
+def make_identity(args, store):
+    """The identity core over run's connection (board/linux_identity.py):
+    rotation always; recovery of an expired certificate with --prov-url,
+    --claim-cert, --claim-key and --hwid."""
+    given = [args.prov_url, args.claim_cert, args.claim_key, args.hwid]
+    if any(given) and not all(given):
+        raise AgentError("recovery needs --prov-url, --claim-cert, --claim-key and --hwid together")
+    recovery, hwid, claim = None, NO_CLAIM, NO_CLAIM
+    if all(given):
+        host, prov_port = host_port(args.prov_url, "--prov-url")
+        read_file(args.claim_key, "claim key")
+        try:
+            claim = cert_identity(read_file(args.claim_cert, "claim certificate"))
+        except ValueError as e:
+            raise AgentError("%s is not a claim certificate: %s" % (args.claim_cert, e)) from None
+        hwid = args.hwid
+        recovery = Recovery({"host": host, "device_port": args.port, "prov_port": prov_port, "cafile": args.ca,
+                             "server_name": args.server_name}, (args.claim_cert, args.claim_key), hwid)
+    core = enroll.Identity(enroll.Config(hwid, claim, store.capabilities), SystemRng())
+    return LinuxIdentity(core, FileStorage(args.data), store, args.ca, SystemClock(),
+                         logging.getLogger("tether.identity"), recovery)
+
+
 class Stop:
     """Set by SIGTERM/SIGINT (or the reboot); the loop ends after its pass."""
 
@@ -497,18 +534,21 @@ def run_main(args):
     active = load_identity(args.data)
     tenant, _, device = active["id"].partition("/")
     FileStorage(args.data).write_atomic(CERT_FILE, pem(active["cert"]))
-    keypath, password = keystore(args.data, args.kek).tls_key(active["k"])
+    store = keystore(args.data, args.kek)
+    keypath, password = store.tls_key(active["k"])
+    id_driver = make_identity(args, store)
     stop = Stop()
     sampler = command_sampler(args.sample_command, args.sample_timeout) if args.sample_command \
         else board_readings
     ota = make_ota(args, active["id"], stop)
     agent = LinuxAgent(os.path.join(args.data, TELEMETRY_DIR), tenant, device, args.host, args.port, args.ca,
                        os.path.join(args.data, CERT_FILE), keypath, logger=log, ota=ota,
-                       key_password=password)
+                       key_password=password, id_driver=id_driver)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("running as %s against %s:%d%s", active["id"], args.host, args.port,
-             ", updates on" if ota is not None else "")
+    log.info("running as %s against %s:%d%s; certificate rotated before expiry%s", active["id"], args.host,
+             args.port, ", updates on" if ota is not None else "",
+             ", recovered through %s if it expires" % args.prov_url if id_driver.recovery else "")
     try:
         agent.boot()             # the queue from the last run, and with --slots the boot record
         loop(agent, sampler, args.sample_interval, stop)
