@@ -142,8 +142,8 @@ class LinuxAgent:
         self.feed(events.Tick(self.clock.now_ms()))
         self.feed_identity(events.Tick(self.clock.now_ms()))
         if self.client is not None:
-            if self.ota is not None and self.ota.step_pending:
-                timeout_s = 0       # a signature check goes on: serve the network, do not wait
+            if self.ota is not None and self.ota.busy():
+                timeout_s = 0       # a signature check or a download goes on: serve the network, do not wait
             rc = self.client.loop(timeout=timeout_s)
             if rc != 0 and self.client is not None:
                 self._lost("network error %d" % rc)

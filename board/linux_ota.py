@@ -96,6 +96,11 @@ class LinuxOta(OtaLink):
     def on_message(self, payload):
         self.received(payload, self.clock.now_ms())
 
+    def busy(self):
+        """Work waits for the next pass (a verification step, a chunk to fetch):
+        the driver's loop should not sleep."""
+        return self.step_pending or self.fetch_pending is not None
+
     def step(self, acked):
         """One pass of the driver's loop, after the network. acked: telemetry
         records acknowledged since this process started (the trial's health)."""
