@@ -4,9 +4,11 @@ Here: the storage, clock and randomness the agent core needs, written for
 MicroPython and tested on real MicroPython (the WebAssembly port) against
 the same interface the sim and linux boards give (docs/design.md).
 
-Not here yet: the network driver (asyncio + ssl + agent.mqtt on the device)
-and flash slots (esp32.Partition) arrive with the identity and firmware
-issues. Nothing in this module touches hardware at import time.
+Elsewhere: the A/B slots over esp32.Partition (board/esp32_slots.py), the
+keystore (board/esp32_keystore.py), the console's UART driver
+(board/esp32_console.py). Not written yet: the network driver (asyncio +
+ssl + agent.mqtt on the device). Nothing in this module touches hardware at
+import time.
 
 Storage needs LittleFS (MicroPython's default on ESP32): a rename there
 replaces the target atomically, so write_atomic is all-or-nothing. On FAT
