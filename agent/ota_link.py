@@ -22,6 +22,12 @@ except ImportError:
     def const(x):
         return x
 
+try:
+    from time import ticks_diff       # MicroPython: ticks wrap around
+except ImportError:
+    def ticks_diff(a, b):
+        return a - b
+
 from agent import updater as up
 from agent.errors import LocalError
 from agent.ota_wire import DOWN, DOWN_BYTES_MAX, REASON_CHARS_MAX, WireError, encode, parse
@@ -113,7 +119,7 @@ class OtaLink:
 
     def hello_due(self, ticks_ms):
         if not self.welcomed and self.hellos < HELLO_TRIES_MAX and \
-                ticks_ms - self.hello_ms >= HELLO_RETRY_MS:
+                ticks_diff(ticks_ms, self.hello_ms) >= HELLO_RETRY_MS:
             self._hello(ticks_ms)
 
     def received(self, payload, now_ms):
