@@ -16,6 +16,8 @@
 #   idle/confirmed/rolled_back/rejected --Offer--> verifying
 #   verifying   --Step...--> downloading          | rejected (the offer's refusal)
 #   downloading --last Chunk--> checking          | rejected (bad chunk)
+#               --Offer of another release--> verifying (this one rejected
+#                                                   "superseded": its cancel was lost)
 #   resuming    --SlotRead...-> downloading       (at the first chunk the slot
 #                                                   does not hold) | checking
 #   checking    --SlotRead N--> verified          | downloading (from the first
@@ -47,8 +49,8 @@
 # against the manifest before the slot may boot: what was received was
 # checked before it was written, this checks what the flash now holds (a
 # resumed download, a board that lost a write). It is not a persisted
-# phase: the record says "downloading" with cursor == chunk count, so a
-# reboot during the check starts the check again.
+# phase: the record says "downloading", so a reboot during the check
+# resumes (the scan finds every chunk there) and starts the check again.
 #
 # Every (state, event) pair accepted is in TRANSITIONS; any other pair is a
 # LocalError and the machine refuses further use. Pairs the network's timing
