@@ -14,6 +14,7 @@
 #   hello_due(ticks_ms)          often: the hello again if not welcomed
 #   step_now()                   when step_later() asked for it
 #   feed(event)                  Healthy or Tick during a trial
+#   read_now()                   with reads_per_pass set: the next slot reads
 #   reset()                      when the board resets (a reboot, a watchdog)
 
 try:
@@ -43,6 +44,12 @@ def _no_log(text):
 
 
 class OtaLink:
+    # None: a ReadSlot (the resume scan, the read-back) is answered at once,
+    # so the whole read-back runs inside one call. A board whose loop must
+    # stay responsive (an ESP32 reading back a large image) sets a number:
+    # reads wait for read_now(), which answers at most that many.
+    reads_per_pass = None
+
     def __init__(self, identity, hw_class, site, slots, log=None):
         """identity: "tenant/device"; hw_class and site: said in the hello;
         slots: the board's slots (write_slot, write_boot_state, read_slot);
@@ -61,6 +68,7 @@ class OtaLink:
         self.outbox = []              # reports that waited while offline, oldest first
         self.last_report = None       # publish()'s handle of the last report sent (None: kept)
         self.reboot_pending = False   # the updater asked for a reboot
+        self.read_pending = None      # the ReadSlot waiting for read_now()
         self.resuming = False
         self.resumed = 0              # downloads that went on from their cursor after a (re)connect
         self.restarted = 0            # ... that went back to chunk 0 instead
@@ -99,11 +107,13 @@ class OtaLink:
     def booted(self, updater, slot, blob):
         self.updater = updater
         self.reboot_pending = False
+        self.read_pending = None
         self.run(self.handle(up.Booted(slot, blob)))
 
     def reset(self):
         self.updater = None
         self.reboot_pending = False
+        self.read_pending = None
 
     def link_up(self, ticks_ms):
         """A connection was accepted: hello first, then the reports that waited."""
@@ -148,6 +158,15 @@ class OtaLink:
     def step_now(self):
         self.run(self.handle(up.Step()))
 
+    def read_now(self):
+        """Answer at most reads_per_pass slot reads (each answer may ask for the next)."""
+        for _ in range(self.reads_per_pass or 0):
+            a = self.read_pending
+            if a is None:
+                return
+            self.read_pending = None
+            self.run(self.handle(up.SlotRead(a.offset, self.slots.read_slot(a.slot, a.offset, a.length))))
+
     def feed(self, event):
         self.run(self.handle(event))
 
@@ -180,8 +199,11 @@ class OtaLink:
                 self._request(a.index)
             elif isinstance(a, up.StepLater):
                 self.step_later()
-            elif isinstance(a, up.ReadSlot):         # local flash: answered at once
-                data = self.slots.read_slot(a.slot, a.offset, a.length)
+            elif isinstance(a, up.ReadSlot):
+                if self.reads_per_pass is not None:  # answered by read_now(), in the board's loop
+                    self.read_pending = a
+                    continue
+                data = self.slots.read_slot(a.slot, a.offset, a.length)   # local flash: at once
                 todo = self.handle(up.SlotRead(a.offset, data)) + todo
             elif isinstance(a, up.Reboot):
                 self.reboot_pending = True

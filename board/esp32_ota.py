@@ -14,7 +14,8 @@ is the integration point) calls:
 - on_message(payload) for each message on `down_topic`;
 - poll(acked) once per pass of its loop, after the network: the hello
   repeated until welcomed, at most one Step of an offer's verification,
-  the trial's health, and the reset once the last report is acknowledged
+  at most reads_per_pass chunks of the resume scan or the read-back, the
+  trial's health, and the reset once the last report is acknowledged
   (or REBOOT_WAIT_MS passed).
 
 transport.publish(topic, payload) sends at QoS 1 and returns a truthy
@@ -45,6 +46,7 @@ except AttributeError:           # CPython, for the tests: ticks that do not wra
 
 
 class Esp32Ota(OtaLink):
+    reads_per_pass = 8                # the read-back spread over passes: 32 KiB of flash each
     def __init__(self, identity, config, slots, site, version, transport, reset, ticks_ms, now_ms,
                  log=None):
         """identity: "tenant/device"; config: agent.updater.Config (its
@@ -74,8 +76,8 @@ class Esp32Ota(OtaLink):
         self.received(payload, self.now_ms())
 
     def busy(self):
-        """A verification step waits: the loop should not sleep."""
-        return self.step_pending
+        """A verification step or slot reads wait: the loop should not sleep."""
+        return self.step_pending or self.read_pending is not None
 
     def poll(self, acked):
         """One pass of the loop. acked: telemetry records acknowledged since this boot."""
@@ -88,6 +90,8 @@ class Esp32Ota(OtaLink):
         if self.step_pending:
             self.step_pending = False
             self.step_now()
+        if self.read_pending is not None:
+            self.read_now()
         u = self.updater
         if u is not None and u.state == up.TRIAL:
             # Below trial_acks_min this is the trial's clock: past trial_ms_max it rolls back.

@@ -188,6 +188,20 @@ def test_actions_are_executed_in_order_and_a_slot_read_is_answered_at_once():
     assert link.updater.events == [up.SlotRead(0, b"\x00" * 4)]
 
 
+def test_a_board_that_spreads_reads_answers_them_in_read_now_a_few_per_call():
+    link = MemLink()
+    link.reads_per_pass = 2
+    link.updater = StubUpdater(up.CHECKING)
+    link.updater.answer = [up.ReadSlot(1, 4096, 4)]        # each answer asks for the next read
+    link.run([up.ReadSlot(1, 0, 4)])
+    assert link.updater.events == [] and link.read_pending == up.ReadSlot(1, 0, 4)
+    link.read_now()
+    assert link.updater.events == [up.SlotRead(0, b"\x00" * 4), up.SlotRead(4096, b"\x00" * 4)]
+    assert link.read_pending == up.ReadSlot(1, 4096, 4)      # the third waits for the next pass
+    link.reset()
+    assert link.read_pending is None
+
+
 def test_an_updater_error_turns_updates_off():
     failures = []
 
