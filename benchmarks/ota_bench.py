@@ -24,7 +24,6 @@ Each figure is the best of --repeat runs (a fresh board each time).
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import platform

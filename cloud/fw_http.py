@@ -16,7 +16,8 @@ The bytes are checked on the device against the signed manifest, chunk by
 chunk, as over MQTT: this endpoint is a transport, not a trust anchor.
 
 HTTP/1.1 parsing is h11's; keep-alive is supported, one request at a time
-per connection, with bounded head size, idle time and connection count.
+per connection, with bounded head size and idle time; past CONNECTIONS_MAX
+open connections a new one is closed at once (recorded as "busy").
 """
 
 import asyncio
@@ -126,7 +127,8 @@ class FirmwareHttp:
         self.connections.add(task)
         try:
             if len(self.connections) > CONNECTIONS_MAX:
-                self._refuse(None, HttpRefusal(503, "busy", "too many connections"))
+                # Closed before a request is read (HTTP has no answer then): recorded.
+                self._refuse(None, HttpRefusal(503, "busy", "too many connections, closed"))
                 return
             ssl_object = writer.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object else None

@@ -275,6 +275,16 @@ async def test_an_idle_connection_is_closed(cloud, monkeypatch):
     assert answer == b""                                           # closed by the server, no answer
 
 
+async def test_past_the_connection_bound_a_connection_is_closed_and_recorded(cloud, monkeypatch):
+    monkeypatch.setattr(fw_http, "CONNECTIONS_MAX", 0)
+    cred = offered(cloud, "dev-1")
+    started(cloud)
+    answer = await raw(cloud, cred, b"GET /fw/" + GOOD_ID.encode() + b" HTTP/1.1\r\nHost: a\r\n"
+                       b"Range: bytes=0-1\r\n\r\n")
+    assert answer == b"" and "busy" in refusal_codes(cloud)
+    assert cloud.fw_http.served == 0
+
+
 @settings(max_examples=400, deadline=None)
 @given(value=st.one_of(st.text(max_size=40), st.binary(max_size=40),
                        st.builds(lambda a, b: "bytes=%d-%d" % (a, b), st.integers(-5, 10 ** 6),
