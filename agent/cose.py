@@ -51,9 +51,23 @@ def start1(message, keys, external_aad=b""):
     if LABEL_CRIT in protected:
         raise SignatureError("critical headers are not supported", "crit")
     key = _pick_key(protected, unprotected, keys)
-    to_be_signed = cbor.dumps([CONTEXT, protected_bytes, external_aad, payload])
-    digest = hashlib.sha256(to_be_signed).digest()
-    return payload, Verifier(key, digest, signature)
+    return payload, Verifier(key, _sig_structure_hash(protected_bytes, external_aad, payload),
+                             signature)
+
+
+def _sig_structure_hash(protected_bytes, external_aad, payload):
+    """SHA-256 of cbor.dumps(["Signature1", protected, aad, payload]),
+    hashed piece by piece: the payload (a manifest of up to 16 KiB) is not
+    copied into an encoding of its own on a small heap."""
+    h = hashlib.sha256(b"\x84")                     # an array of 4
+    h.update(cbor.dumps(CONTEXT))
+    h.update(cbor.dumps(bytes(protected_bytes)))
+    h.update(cbor.dumps(bytes(external_aad)))
+    head = bytearray(cbor.dumps(len(payload)))      # the payload's head: major type 0 ...
+    head[0] |= 0x40                                 # ... made 2 (byte string), same length
+    h.update(head)
+    h.update(payload)
+    return h.digest()
 
 
 def decode1(message):

@@ -9,6 +9,14 @@
 #   manifest = verify_release(bundle, root_public_key, k, keyset_version_seen)
 #   v = ChunkVerifier(manifest); v.update(0, chunk0); ...; v.finish()
 #
+# Chunk hashes: a manifest of up to CHUNKS_MAX chunks (1.75 MiB) lists the
+# SHA-256 of each 4 KiB chunk ("chunks"). A larger one lists the SHA-256 of
+# each "page" instead ("pages"): page p is the chunk hashes of chunks
+# 128p..128p+127 laid end to end (4 KiB; the last page shorter), so a page
+# is a slice of cloud.firmware.chunk_table(payload). The device fetches page p (any
+# transport: its hash is signed) before the chunks it covers and holds one
+# page beside one chunk: memory stays bounded up to SIZE_MAX (224 MiB).
+#
 # A bundle is {"v": 1, "keyset": COSE_Sign1 by the root key over a key set,
 # "sigs": [COSE_Sign1 by a release key over the manifest, ...]}. Every
 # envelope must verify, each by a distinct key of the set, all over the same
@@ -30,8 +38,13 @@ from agent.p256 import SignatureError, parse_public_key
 FORMAT_VERSION = 1
 CHUNK_BYTES = 4096
 CHUNKS_MAX = 448                        # a signed manifest stays under cose's 16 KiB
-SIZE_MAX = CHUNKS_MAX * CHUNK_BYTES     # 1.75 MiB
+INLINE_SIZE_MAX = CHUNKS_MAX * CHUNK_BYTES  # 1.75 MiB: the largest payload with "chunks"
 DIGEST_BYTES = 32
+PAGE_CHUNKS = 128                       # chunk hashes per page ...
+PAGE_BYTES = PAGE_CHUNKS * DIGEST_BYTES  # ... 4 KiB, one chunk buffer
+PAGES_MAX = 448                         # page hashes in a manifest (the same 16 KiB bound)
+PAGED_CHUNKS_MAX = PAGES_MAX * PAGE_CHUNKS   # 57,344
+SIZE_MAX = PAGED_CHUNKS_MAX * CHUNK_BYTES    # 224 MiB: the largest payload with "pages"
 HW_CLASS_CHARS_MAX = 32
 VERSION_CHARS_MAX = 32
 ROLLOUT_CHARS_MAX = 64
@@ -48,6 +61,7 @@ AAD_MANIFEST = b"tether-manifest-v1"
 _NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 _VERSION_CHARS = _NAME_CHARS + "+"
 _MANIFEST_FIELDS = ("v", "hw", "ver", "sv", "size", "sha256", "chunks", "exp", "rollout")
+_PAGED_FIELDS = ("v", "hw", "ver", "sv", "size", "sha256", "pages", "exp", "rollout")
 _KEYSET_FIELDS = ("v", "ver", "keys", "revoked")
 _BUNDLE_FIELDS = ("v", "keyset", "sigs")
 
@@ -65,35 +79,57 @@ def chunk_count(size):
     return (size + CHUNK_BYTES - 1) // CHUNK_BYTES
 
 
+def page_count(chunks):
+    return (chunks + PAGE_CHUNKS - 1) // PAGE_CHUNKS
+
+
+def page_bytes(chunks, page):
+    """Length of page `page` of a payload of `chunks` chunks."""
+    return (min(PAGE_CHUNKS, chunks - page * PAGE_CHUNKS)) * DIGEST_BYTES
+
+
+
 # ---------------------------------------------------------------- manifest
 
 class Manifest:
-    """A parsed manifest. chunk_hashes is one bytes of 32 per chunk, in order."""
+    """A parsed manifest. chunk_hashes is one bytes of 32 per chunk, in
+    order; a paged manifest has page_hashes (32 per page) instead, and
+    chunk_hashes None."""
 
     def __init__(self, hw_class, version, security_version, size, sha256,
-                 chunk_hashes, expires_s, rollout_id):
+                 chunk_hashes, expires_s, rollout_id, page_hashes=None):
         self.hw_class = hw_class
         self.version = version
         self.security_version = security_version
         self.size = size
         self.sha256 = sha256
         self.chunk_hashes = chunk_hashes
+        self.page_hashes = page_hashes
+        self.paged = page_hashes is not None
         self.expires_s = expires_s
         self.rollout_id = rollout_id
         self.keyset_version = None      # set by verify_release
 
     def chunk_count(self):
-        return len(self.chunk_hashes) // DIGEST_BYTES
+        return chunk_count(self.size)
 
     def chunk_hash(self, index):
         return self.chunk_hashes[index * DIGEST_BYTES:(index + 1) * DIGEST_BYTES]
+
+    def page_hash(self, page):
+        return self.page_hashes[page * DIGEST_BYTES:(page + 1) * DIGEST_BYTES]
+
+    def array(self):
+        """("chunks" or "pages", the digests end to end)."""
+        return ("pages", self.page_hashes) if self.paged else ("chunks", self.chunk_hashes)
 
     def to_map(self, chunks=True):
         fields = {"v": FORMAT_VERSION, "hw": self.hw_class, "ver": self.version,
                   "sv": self.security_version, "size": self.size, "sha256": self.sha256,
                   "exp": self.expires_s, "rollout": self.rollout_id}
         if chunks:
-            fields["chunks"] = [self.chunk_hash(i) for i in range(self.chunk_count())]
+            name, digests = self.array()
+            fields[name] = [digests[i:i + DIGEST_BYTES] for i in range(0, len(digests), DIGEST_BYTES)]
         return fields
 
     def encode(self):
@@ -104,28 +140,34 @@ class Manifest:
 def parse(payload):
     """A Manifest from its CBOR bytes, every field checked; ManifestError if not."""
     fields = _load_map(payload, cose.MESSAGE_BYTES_MAX, "manifest", "malformed")
-    _check_fields(fields, _MANIFEST_FIELDS, "manifest")
+    paged = "pages" in fields
+    _check_fields(fields, _PAGED_FIELDS if paged else _MANIFEST_FIELDS, "manifest")
     _check_format_version(fields)
-    size = _uint(fields, "size", 1, SIZE_MAX + 1)
-    chunks = fields["chunks"]
-    if not isinstance(chunks, list):
-        raise ManifestError("manifest chunks must be an array", "bad_field")
-    if len(chunks) != chunk_count(size):
-        raise ManifestError("manifest has %d chunk hashes for %d bytes (want %d)"
-                            % (len(chunks), size, chunk_count(size)), "chunk_count")
-    for digest in chunks:
-        _check_bstr(digest, DIGEST_BYTES, "chunk hash")
+    size = _uint(fields, "size", 1, (SIZE_MAX if paged else INLINE_SIZE_MAX) + 1)
+    name = "pages" if paged else "chunks"
+    digests = fields[name]
+    want = page_count(chunk_count(size)) if paged else chunk_count(size)
+    if not isinstance(digests, list):
+        raise ManifestError("manifest %s must be an array" % name, "bad_field")
+    if len(digests) != want:
+        raise ManifestError("manifest has %d %s hashes for %d bytes (want %d)"
+                            % (len(digests), name[:-1], size, want), "chunk_count")
+    what = name[:-1] + " hash"          # once: not a string per hash (a small heap)
+    for digest in digests:
+        _check_bstr(digest, DIGEST_BYTES, what)
+    digests = b"".join(digests)
     manifest = Manifest(
         _text(fields, "hw", HW_CLASS_CHARS_MAX, _NAME_CHARS),
         _text(fields, "ver", VERSION_CHARS_MAX, _VERSION_CHARS),
         _uint(fields, "sv", 0, SECURITY_VERSION_END),
         size,
         _check_bstr(fields["sha256"], DIGEST_BYTES, "sha256"),
-        b"".join(chunks),
+        None if paged else digests,
         _uint(fields, "exp", 0, TIME_END),
         _text(fields, "rollout", ROLLOUT_CHARS_MAX, _NAME_CHARS),
+        digests if paged else None,
     )
-    chunks = fields = None
+    digests = fields = None
     if not _is_canonical(manifest, payload):
         raise ManifestError("manifest is not in deterministic CBOR form", "not_canonical")
     return manifest
@@ -139,15 +181,17 @@ def _is_canonical(manifest, payload):
     34 bytes; what is compared with a fresh encoding is everything around
     it: the map's head, the other fields and the order of all keys."""
     fields = manifest.to_map(chunks=False)
-    keys = sorted(list(fields) + ["chunks"], key=cbor.dumps)   # the deterministic order
-    at = keys.index("chunks")
+    name, digests = manifest.array()
+    count = len(digests) // DIGEST_BYTES
+    keys = sorted(list(fields) + [name], key=cbor.dumps)   # the deterministic order
+    at = keys.index(name)
     before = cbor.dumps(dict((k, fields[k]) for k in keys[:at]))[1:]     # [1:]: a small map's head
     after = cbor.dumps(dict((k, fields[k]) for k in keys[at + 1:]))[1:]
-    array_head = bytearray(cbor.dumps(manifest.chunk_count()))
+    array_head = bytearray(cbor.dumps(count))
     array_head[0] |= 0x80                                        # major type 0 -> 4 (array)
-    start = bytes([0xA0 | len(keys)]) + before + cbor.dumps("chunks") + array_head
+    start = bytes([0xA0 | len(keys)]) + before + cbor.dumps(name) + array_head
     end = len(payload) - len(after)
-    return (end == len(start) + manifest.chunk_count() * (DIGEST_BYTES + 2)
+    return (end == len(start) + count * (DIGEST_BYTES + 2)
             and payload[:len(start)] == start and payload[end:] == after)
 
 
@@ -174,6 +218,14 @@ class ChunkVerifier:
     integers and one running hash. After any error every call raises
     `failed`. next_index > 0 resumes a stream at that chunk (only with
     whole=False: a hash state cannot be resumed).
+
+    A paged manifest: with whole=False, page_needed() names the page the
+    next chunk needs, and load_page(p, data) checks it against the manifest
+    and holds it (one page at a time). With whole=True (the read-back: the
+    whole payload from chunk 0) no page is loaded: each page's hash is
+    computed from the chunks' and checked as its last chunk passes, so a
+    mismatch is known per page. Either way repair_from is, after a
+    refusal, the first chunk not known good.
     """
 
     def __init__(self, manifest, whole=True, next_index=0):
@@ -186,28 +238,77 @@ class ChunkVerifier:
         self.received_bytes = min(next_index * CHUNK_BYTES, manifest.size)
         self.finished = False
         self.error = None
+        self.repair_from = None
         self._whole = hashlib.sha256() if whole else None
         # The hot path (update) reads these instead of calling into manifest.
         self._closed = False                # finished, or failed
         self._count = manifest.chunk_count()
         self._last_bytes = manifest.size - (self._count - 1) * CHUNK_BYTES
-        self._hashes = manifest.chunk_hashes
+        self._hashes = manifest.chunk_hashes    # the loaded page, when paged
+        self._base = 0                      # chunk index of _hashes' first hash
+        self._end = self._count             # chunks below this can be checked now
+        self._page_hash = None              # paged read-back: this page's running hash
+        if manifest.paged:
+            if whole:
+                self._page_hash = hashlib.sha256()
+            else:
+                self._hashes, self._end = None, 0
+
+    def page_needed(self):
+        """The page to load before the next chunk, or None."""
+        if self.next_index < self._end or self.next_index >= self._count or self._closed:
+            return None
+        return self.next_index // PAGE_CHUNKS
+
+    def load_page(self, page, data):
+        """Hold page `page` (the next one needed) after checking its hash."""
+        if self._closed:
+            self._usable()
+        if page != self.page_needed():
+            raise LocalError("page %r is not the one needed (%r)" % (page, self.page_needed()),
+                             "bad_page_use")
+        want = page_bytes(self._count, page)
+        self.repair_from = page * PAGE_CHUNKS
+        if len(data) != want:
+            self._fail(ManifestError("page %d has %d bytes, expected %d" % (page, len(data), want),
+                                     "bad_page"))
+        if _sha256(data).digest() != self.manifest.page_hash(page):
+            self._fail(ManifestError("page %d does not match its hash" % page, "tampered_page"))
+        self.repair_from = None
+        self._hashes = data if isinstance(data, bytes) else bytes(data)
+        self._base = page * PAGE_CHUNKS
+        self._end = min(self._base + PAGE_CHUNKS, self._count)
 
     def update(self, index, data):
         """Accept chunk `index` (bytes, bytearray or memoryview), or raise."""
         if self._closed:
             self._usable()
         n = len(data)
-        if (index != self.next_index or index >= self._count
+        if (index != self.next_index or index >= self._end
                 or n != (CHUNK_BYTES if index < self._count - 1 else self._last_bytes)):
             self._refuse(index, n)
-        at = index << 5                     # * DIGEST_BYTES
-        if _sha256(data).digest() != self._hashes[at:at + 32]:
+        digest = _sha256(data).digest()
+        at = (index - self._base) << 5      # * DIGEST_BYTES
+        if self._page_hash is not None:
+            self._page_digest(index, digest)
+        elif digest != self._hashes[at:at + 32]:
+            self.repair_from = index
             self._fail(ManifestError("chunk %d does not match its hash" % index, "tampered_chunk"))
         if self._whole is not None:
             self._whole.update(data)
         self.next_index = index + 1
         self.received_bytes += n
+
+    def _page_digest(self, index, digest):
+        self._page_hash.update(digest)
+        if (index + 1) % PAGE_CHUNKS and index + 1 < self._count:
+            return
+        page = index // PAGE_CHUNKS
+        if self._page_hash.digest() != self.manifest.page_hash(page):
+            self.repair_from = page * PAGE_CHUNKS
+            self._fail(ManifestError("chunks %d..%d do not match page %d's hash"
+                                     % (page * PAGE_CHUNKS, index, page), "tampered_chunk"))
+        self._page_hash = hashlib.sha256()
 
     def finish(self):
         self._usable()
@@ -239,12 +340,17 @@ class ChunkVerifier:
         if index != self.next_index:
             self._fail(ManifestError("chunk %d arrived, expected %d" % (index, self.next_index),
                                      "out_of_order"))
+        if index >= self._end:
+            raise LocalError("chunk %d needs page %d, not loaded" % (index, index // PAGE_CHUNKS),
+                             "page_needed")
         want = min(CHUNK_BYTES, self.manifest.size - index * CHUNK_BYTES)
+        self.repair_from = index
         self._fail(ManifestError("chunk %d has %d bytes, expected %d" % (index, n, want),
                                  "oversized" if n > want else "truncated"))
 
 
 _sha256 = hashlib.sha256
+
 
 
 # ---------------------------------------------------------------- release key set
@@ -373,20 +479,32 @@ class ReleaseVerifier:
         if keyset.version < seen:
             raise ManifestError("key set version %d is older than %d, already seen"
                                 % (keyset.version, seen), "keyset_rollback")
-        signers = _pick_signers(envelopes, keyset, k)
-        manifest_bytes = payload = envelopes = None
+        payload = None
         yield
+        signers = []
+        while envelopes:                # one per step: each decode's garbage goes between
+            signers.append(_signer(envelopes.pop(0), keyset, signers))
+            yield
+        if len(signers) < k:
+            raise ManifestError("%d release signatures, %d required" % (len(signers), k),
+                                "too_few_signers")
+        first = envelopes = None
         while signers:
             kid, message = signers.pop(0)
             payload, verifier = _start(message, {kid: keyset.keys[kid]}, AAD_MANIFEST,
                                        "bad_signature")
             message = None
-            if manifest_bytes is None:
-                manifest_bytes = payload
-            elif payload != manifest_bytes:
+            # Only a digest of the first payload is kept to compare the
+            # others with: the heap holds one copy of the manifest, the last.
+            digest = hashlib.sha256(payload).digest()
+            if first is None:
+                first = digest
+            elif digest != first:
                 raise ManifestError("signatures are over different manifests", "mismatch")
-            payload = None
+            if signers:
+                payload = None
             yield from _run(verifier, bits, "bad_signature")
+        manifest_bytes = payload
         yield                           # parsing a long chunk list is a piece of its own
         manifest = parse(manifest_bytes)
         manifest.keyset_version = keyset.version
@@ -410,29 +528,23 @@ def decode_bundle(bundle):
     return fields["keyset"], envelopes
 
 
-def _pick_signers(envelopes, keyset, k):
-    """[(kid, message)]: each envelope's signer is current, and distinct."""
-    signers = []
-    for message in envelopes:
-        try:
-            _, protected, unprotected, _, _ = cose.decode1(message)
-        except SignatureError as error:
-            raise ManifestError("signature envelope: %s" % error.message, "malformed")
-        kid = protected.get(cose.LABEL_KID, unprotected.get(cose.LABEL_KID))
-        if kid in keyset.revoked:
-            raise ManifestError("signer %r is revoked by key set %d" % (kid, keyset.version),
-                                "revoked_signer")
-        if not isinstance(kid, bytes) or kid not in keyset.keys:
-            raise ManifestError("signer %r is not in key set %d" % (kid, keyset.version),
-                                "unknown_signer")
-        for other, _ in signers:
-            if other == kid:
-                raise ManifestError("signer %r signed twice" % (kid,), "duplicate_signer")
-        signers.append((kid, message))
-    if len(signers) < k:
-        raise ManifestError("%d release signatures, %d required" % (len(signers), k),
-                            "too_few_signers")
-    return signers
+def _signer(message, keyset, signers):
+    """(kid, message): the envelope's signer is current, and not one of signers'."""
+    try:
+        _, protected, unprotected, _, _ = cose.decode1(message)
+    except SignatureError as error:
+        raise ManifestError("signature envelope: %s" % error.message, "malformed")
+    kid = protected.get(cose.LABEL_KID, unprotected.get(cose.LABEL_KID))
+    if kid in keyset.revoked:
+        raise ManifestError("signer %r is revoked by key set %d" % (kid, keyset.version),
+                            "revoked_signer")
+    if not isinstance(kid, bytes) or kid not in keyset.keys:
+        raise ManifestError("signer %r is not in key set %d" % (kid, keyset.version),
+                            "unknown_signer")
+    for other, _ in signers:
+        if other == kid:
+            raise ManifestError("signer %r signed twice" % (kid,), "duplicate_signer")
+    return kid, message
 
 
 def _start(message, keys, aad, code):

@@ -141,12 +141,39 @@ def read_keyset(keyset_message):
         raise FirmwareError("not a key set: %s" % e.message) from None
 
 
-def build_manifest(payload, hw_class, version, security_version, expires_s, rollout_id):
-    """Deterministic manifest bytes for payload; FirmwareError on a bad field."""
-    chunks = [hashlib.sha256(payload[i:i + mf.CHUNK_BYTES]).digest()
-              for i in range(0, len(payload), mf.CHUNK_BYTES)]
+def chunk_table(payload):
+    """The chunk hashes of payload end to end: page p of a paged manifest
+    is its slice [p * mf.PAGE_BYTES, (p + 1) * mf.PAGE_BYTES)."""
+    view = memoryview(payload)
+    return b"".join(hashlib.sha256(view[i:i + mf.CHUNK_BYTES]).digest()
+                    for i in range(0, len(payload), mf.CHUNK_BYTES))
+
+
+def check_payload(manifest, payload):
+    """What a device checks of a payload, here held whole (the tool, the
+    cloud's release check): every chunk, or every page of a paged
+    manifest, and the SHA-256 of the whole. ManifestError with the
+    device's reason."""
+    verifier = mf.ChunkVerifier(manifest, whole=True)
+    for index in range(mf.chunk_count(len(payload))):
+        verifier.update(index, payload[index * mf.CHUNK_BYTES:(index + 1) * mf.CHUNK_BYTES])
+    verifier.finish()
+
+
+def build_manifest(payload, hw_class, version, security_version, expires_s, rollout_id, pages=None):
+    """Deterministic manifest bytes for payload; FirmwareError on a bad field.
+    pages: list page hashes instead of chunk hashes (None: only when the
+    payload is over mf.INLINE_SIZE_MAX, where chunk hashes do not fit)."""
+    table = chunk_table(payload)
+    if pages is None:
+        pages = len(payload) > mf.INLINE_SIZE_MAX
+    page_hashes = None
+    if pages:
+        page_hashes = b"".join(hashlib.sha256(table[i:i + mf.PAGE_BYTES]).digest()
+                               for i in range(0, len(table), mf.PAGE_BYTES))
+        table = None
     manifest = mf.Manifest(hw_class, version, security_version, len(payload),
-                           hashlib.sha256(payload).digest(), b"".join(chunks), expires_s, rollout_id)
+                           hashlib.sha256(payload).digest(), table, expires_s, rollout_id, page_hashes)
     try:
         data = manifest.encode()
         mf.parse(data)          # the device's checks, so a bad field fails here
@@ -182,20 +209,10 @@ def verify_bundle(bundle, payload_path, root_public_key, k, hw_class, security_v
     """What a device would do: the Manifest, or ManifestError/CBORError with the reason."""
     manifest = mf.verify_release(bundle, root_public_key, k, keyset_version_seen)
     mf.check(manifest, hw_class, security_version, now_s)
-    verifier = mf.ChunkVerifier(manifest)
-    try:
-        with open(payload_path, "rb") as f:
-            index = 0
-            while True:
-                chunk = f.read(mf.CHUNK_BYTES)
-                if not chunk:
-                    break
-                verifier.update(index, chunk)
-                index += 1
-    except OSError as e:
-        raise FirmwareError("cannot read payload %s: %s" % (payload_path, e.strerror)) from None
-    verifier.finish()
+    payload = read_file(payload_path, "payload")
+    check_payload(manifest, payload)
     return manifest
+
 
 
 def describe(bundle):

@@ -14,6 +14,7 @@ import hashlib
 from agent import cose
 from agent import manifest as mf
 from agent.errors import RemoteError
+from cloud.firmware import check_payload
 from cloud.rollout_plan import RolloutError
 
 MIN_VALIDITY_S_DEFAULT = 30 * 86400
@@ -32,7 +33,7 @@ def check_release(bundle, payload, trust, floors, now_s, min_validity_s=MIN_VALI
     """
     try:
         manifest = mf.verify_release(bundle, trust["root"], trust["k"], 0)
-        _check_payload(manifest, payload)
+        check_payload(manifest, payload)
     except RemoteError as e:                 # ManifestError, CBORError
         raise RolloutError("release refused: %s" % e.message, e.code) from None
     if manifest.hw_class not in trust["hw_classes"]:
@@ -57,12 +58,6 @@ def check_release(bundle, payload, trust, floors, now_s, min_validity_s=MIN_VALI
             "manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest(),
             "signers": _signers(bundle)}
 
-
-def _check_payload(manifest, payload):
-    verifier = mf.ChunkVerifier(manifest)
-    for index in range(0, (len(payload) + mf.CHUNK_BYTES - 1) // mf.CHUNK_BYTES):
-        verifier.update(index, payload[index * mf.CHUNK_BYTES:(index + 1) * mf.CHUNK_BYTES])
-    verifier.finish()
 
 
 def _signers(bundle):

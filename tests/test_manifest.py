@@ -103,8 +103,10 @@ def test_stepped_verifier_matches_and_refusal_is_sticky():
     while not v.step():
         steps += 1
     # per signature: set-up, then 16 pieces of 16 bits and the check; the
-    # pick of signers between key set and manifests; the manifest's parse
-    assert steps == 4 * (1 + 256 // 16) + 3 and v.result().version == "1.0.0"
+    # key set's parse, then each of the 3 envelopes' checks in a step of its
+    # own (the garbage of one decode is collected before the next); the
+    # manifest's parse
+    assert steps == 4 * (1 + 256 // 16) + 3 + 3 and v.result().version == "1.0.0"
     bad = mf.ReleaseVerifier(bundle(signers=(A,)), ROOT_PUB, 2)
     with pytest.raises(mf.ManifestError, match="required"):
         while not bad.step():
@@ -268,6 +270,7 @@ def mutated(**changes):
     (mutated(sv=True), "bad_field"),
     (mutated(size=0), "bad_field"),
     (mutated(size=mf.SIZE_MAX + 1), "bad_field"),
+    (mutated(size=mf.INLINE_SIZE_MAX + 1), "bad_field"),     # over 448 chunks: pages only
     (mutated(size=len(PAYLOAD) + 4096), "chunk_count"),
     (mutated(sha256=b"\x00" * 31), "bad_field"),
     (mutated(chunks=[b"\x00" * 32] * 3), "chunk_count"),
@@ -327,10 +330,19 @@ def test_keyset_refusals():
 
 
 def test_the_largest_manifest_fits_a_signed_envelope():
-    data = make_manifest(payload=b"\x00" * mf.SIZE_MAX, version="v" * 32, hw="h" * 32,
+    data = make_manifest(payload=b"\x00" * mf.INLINE_SIZE_MAX, version="v" * 32, hw="h" * 32,
                          rollout="r" * 64, sv=(1 << 32) - 1, expires_s=(1 << 40) - 1)
     m = mf.verify_release(bundle(data, signers=(A,)), ROOT_PUB, 1)
-    assert m.chunk_count() == mf.CHUNKS_MAX
+    assert m.chunk_count() == mf.CHUNKS_MAX and not m.paged
+
+
+def test_the_largest_paged_manifest_fits_a_signed_envelope():
+    """224 MiB: the page hashes made up (no payload needed to sign them)."""
+    pages = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(mf.PAGES_MAX))
+    data = mf.Manifest("h" * 32, "v" * 32, (1 << 32) - 1, mf.SIZE_MAX, b"\x01" * 32, None,
+                       (1 << 40) - 1, "r" * 64, pages).encode()
+    m = mf.verify_release(bundle(data, signers=(A,)), ROOT_PUB, 1)
+    assert m.paged and m.chunk_count() == mf.PAGED_CHUNKS_MAX and m.page_hashes == pages
 
 
 # ------------------------------------------------------------ fuzzing
@@ -444,8 +456,8 @@ def test_two_of_three_and_256_kib_stream_on_micropython(tmp_path):
     steps.append("t0 = time.ticks_ms()\nv = mf.ReleaseVerifier(BUNDLE, ROOT, 2, 1, bits_per_step=%d)\n"
                  "BUNDLE = None" % MPY_BITS_PER_STEP)
     # 1 key set + 2 release signatures: 3 x (set-up + 256 bits in steps), the
-    # pick of signers, then the manifest's parse
-    steps += ["v.step()"] * (3 * (1 + 256 // MPY_BITS_PER_STEP) + 3)
+    # check of each of the 2 envelopes, then the manifest's parse
+    steps += ["v.step()"] * (3 * (1 + 256 // MPY_BITS_PER_STEP) + 5)
     steps.append("m = v.result()\nmf.check(m, 'sim-v1', 3, %d)\n"
                  "print('release', m.version, m.keyset_version, m.chunk_count(), time.ticks_diff(time.ticks_ms(), t0))\n"
                  "v = None" % NOW_S)
