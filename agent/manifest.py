@@ -279,6 +279,14 @@ class ChunkVerifier:
         self._base = page * PAGE_CHUNKS
         self._end = min(self._base + PAGE_CHUNKS, self._count)
 
+    def resumed_at(self, index):
+        """A new verifier of chunk hashes only from chunk `index`, holding
+        this one's page if that covers `index` (it was checked on loading)."""
+        verifier = ChunkVerifier(self.manifest, whole=False, next_index=index)
+        if self.manifest.paged and self._hashes is not None and self._base <= index < self._end:
+            verifier._hashes, verifier._base, verifier._end = self._hashes, self._base, self._end
+        return verifier
+
     def update(self, index, data):
         """Accept chunk `index` (bytes, bytearray or memoryview), or raise."""
         if self._closed:

@@ -1,7 +1,7 @@
 # The device's half of the OTA protocol (docs/ota.md) around the update
 # machine (agent/updater.py), shared by every board's driver: the hello
 # after each connect, repeated until welcomed; reports kept while offline;
-# chunk requests and resume counting; down messages parsed into updater
+# chunk and page requests and resume counting; down messages parsed into updater
 # events; the updater's actions executed. Portable (MicroPython subset) and
 # without I/O of its own: a board subclasses OtaLink and supplies the part
 # that differs, the methods under "the board's part".
@@ -96,6 +96,11 @@ class OtaLink:
         comes again and the updater asks for its cursor."""
         self.send(encode("chunk", ref=ref, i=index), keep=False)
 
+    def request_page(self, ref, index):
+        """Ask for page `index` of release `ref`'s chunk hashes (a paged
+        manifest): over MQTT, like a chunk, never kept while offline."""
+        self.send(encode("page", ref=ref, i=index), keep=False)
+
     def wrote(self, slot, offset):
         """A slot write went through (a hook for the simulator's drills)."""
 
@@ -125,7 +130,7 @@ class OtaLink:
             self.last_report = self.send(payload)
         u = self.updater
         # The cloud answers the hello with the offer again; the updater asks for its cursor.
-        self.resuming = u is not None and u.state == up.DOWNLOADING and u.boot.cursor > 0
+        self.resuming = u is not None and u.state in (up.DOWNLOADING, up.PAGING) and u.boot.cursor > 0
 
     def hello_due(self, ticks_ms):
         if not self.welcomed and self.hellos < HELLO_TRIES_MAX and \
@@ -152,6 +157,10 @@ class OtaLink:
             u = self.updater
             if u is not None and u.state == up.DOWNLOADING and u.boot.ref == f["ref"]:
                 self.run(self.handle(up.Chunk(f["i"], f["data"])))
+        elif op == "page":
+            u = self.updater
+            if u is not None and u.state == up.PAGING and u.boot.ref == f["ref"]:
+                self.run(self.handle(up.Page(f["i"], f["data"])))
         else:
             self.run(self.handle(up.Cancel(f["ref"])))
 
@@ -197,6 +206,8 @@ class OtaLink:
                                                     seq=a.seq, ref=a.ref))
             elif isinstance(a, up.RequestChunk):
                 self._request(a.index)
+            elif isinstance(a, up.RequestPage):
+                self._request(a.index, page=True)
             elif isinstance(a, up.StepLater):
                 self.step_later()
             elif isinstance(a, up.ReadSlot):
@@ -220,14 +231,18 @@ class OtaLink:
             self.outbox.append(payload)
         return handle
 
-    def _request(self, index):
+    def _request(self, index, page=False):
         if self.resuming:
             self.resuming = False
-            if index > 0:
+            # A page request goes on from the cursor too, once the page is in.
+            if (self.updater.boot.cursor if page else index) > 0:
                 self.resumed += 1
             else:
                 self.restarted += 1
-        self.request_chunk(self.updater.boot.ref, index)
+        if page:
+            self.request_page(self.updater.boot.ref, index)
+        else:
+            self.request_chunk(self.updater.boot.ref, index)
 
     def _hello(self, ticks_ms):
         if self.publish(encode("hello", hw=self.hw_class, ver=self.version, site=self.site)) is not None:

@@ -9,7 +9,7 @@ from agent import manifest as mf
 from agent.errors import CBORError, RemoteError
 
 VERSION = 1
-UP_BYTES_MAX = 512                  # a device message (hello, report, chunk request)
+UP_BYTES_MAX = 512                  # a device message (hello, report, chunk or page request)
 DOWN_BYTES_MAX = mf.BUNDLE_BYTES_MAX + 256
 TEXT_CHARS_MAX = 64                 # hw class, version, site, ref
 REASON_CHARS_MAX = 200
@@ -23,10 +23,12 @@ UP = {
     "hello": {"hw": "name", "ver": "name", "site": "name"},
     "report": {"st": "status", "why": "reason", "seq": "seq", "ref": "ref"},
     "chunk": {"ref": "name", "i": "index"},
+    "page": {"ref": "name", "i": "page"},
 }
 DOWN = {
     "offer": {"ref": "name", "bundle": "bundle"},
     "chunk": {"ref": "name", "i": "index", "data": "data"},
+    "page": {"ref": "name", "i": "page", "data": "data"},
     "cancel": {"ref": "name", "why": "reason"},
     "error": {"why": "name", "ref": "ref"},
     "welcome": {"now": "ms"},
@@ -95,7 +97,9 @@ def _ok(value, kind):
     if kind == "seq":
         return type(value) is int and 0 <= value < SEQ_END
     if kind == "index":
-        return type(value) is int and 0 <= value < mf.CHUNKS_MAX
+        return type(value) is int and 0 <= value < mf.PAGED_CHUNKS_MAX
+    if kind == "page":
+        return type(value) is int and 0 <= value < mf.PAGES_MAX
     if kind == "bundle":
         return isinstance(value, bytes) and 0 < len(value) <= mf.BUNDLE_BYTES_MAX
     if kind == "data":

@@ -16,6 +16,8 @@
 #   idle/confirmed/rolled_back/rejected --Offer--> verifying
 #   verifying   --Step...--> downloading          | rejected (the offer's refusal)
 #   downloading --last Chunk--> checking          | rejected (bad chunk)
+#               --Chunk, past a page's last--> paging (a paged manifest)
+#   paging      --Page--> downloading, or resuming | rejected (bad page)
 #               --Offer of another release--> verifying (this one rejected
 #                                                   "superseded": its cancel was lost)
 #   resuming    --SlotRead...-> downloading       (at the first chunk the slot
@@ -44,6 +46,14 @@
 # slot does not hold (torn, never written, or another image's). A chunk
 # that reached the flash is not downloaded again; none is trusted unchecked.
 #
+# A paged manifest (images over 1.75 MiB, agent/manifest.py) signs the
+# hashes of pages of chunk hashes, not the chunk hashes: before the chunks
+# of page p are downloaded or scanned, "paging" asks for page p
+# (RequestPage) and checks the Page against the manifest. One page is held
+# at a time, in memory only: a reboot asks again. The read-back needs no
+# page: it checks each page's hash from the chunks it reads, and a bad page
+# is downloaded again from its first chunk.
+#
 # "checking" reads the whole inactive slot back (ReadSlot / SlotRead, one
 # chunk at a time) and checks every chunk hash and the payload's SHA-256
 # against the manifest before the slot may boot: what was received was
@@ -68,6 +78,7 @@ OFF = "off"                  # not booted yet: only Booted is accepted
 IDLE = "idle"
 VERIFYING = "verifying"      # in memory only: checking an offer's signatures
 RESUMING = "resuming"        # in memory only: finding how far a download got
+PAGING = "paging"            # in memory only: waiting for a page of chunk hashes
 DOWNLOADING = "downloading"
 CHECKING = "checking"        # in memory only: reading the slot back
 REBOOTING = "rebooting"      # in memory only: a Reboot is pending
@@ -118,6 +129,16 @@ class Booted(Value):
     def __init__(self, slot, boot_state):
         self.slot = slot
         self.boot_state = boot_state
+
+
+class Page(Value):
+    """Page `index` of the chunk hashes of the release being downloaded
+    (a paged manifest), answering RequestPage."""
+    __slots__ = ("index", "data")
+
+    def __init__(self, index, data):
+        self.index = index
+        self.data = data
 
 
 class SlotRead(Value):
@@ -208,6 +229,14 @@ class Report(Value):
 
 
 class RequestChunk(Value):
+    __slots__ = ("index",)
+
+    def __init__(self, index):
+        self.index = index
+
+
+class RequestPage(Value):
+    """Ask the cloud for page `index` of the chunk hashes; answer with Page."""
     __slots__ = ("index",)
 
     def __init__(self, index):
@@ -319,16 +348,20 @@ TRANSITIONS = {
     (CHECKING, SlotRead): "_slot_read",
     (RESUMING, SlotRead): "_resume_read",
     (RESUMING, Cancel): "_cancel",
+    (PAGING, Page): "_page",
+    (PAGING, Offer): "_rerequest",
+    (PAGING, Cancel): "_cancel",
     (TRIAL, Healthy): "_healthy",
     (TRIAL, Tick): "_tick",
 }
-_IGNORED = (Chunk, Healthy, Tick, Offer, Cancel, Step)   # late or repeated network input elsewhere
+_IGNORED = (Chunk, Page, Healthy, Tick, Offer, Cancel, Step)   # late or repeated network input elsewhere
 
 # The fields each event must carry, checked before any transition.
 _EVENT_FIELDS = {
     Booted: (("slot", "slot"), ("boot_state", "blob")),
     Offer: (("now_ms", "uint"), ("ref", "ref")),
     Chunk: (("index", "uint"), ("data", "bytes")),
+    Page: (("index", "uint"), ("data", "bytes")),
     SlotRead: (("offset", "uint"), ("data", "bytes")),
     Healthy: (("acked_count", "uint"), ("now_ms", "uint")),
     Tick: (("now_ms", "uint"),),
@@ -366,6 +399,7 @@ class Updater:
         self._release = None      # ReleaseVerifier while verifying
         self._verdict = None      # its Manifest, once it has one
         self._read_abandoned = False  # a Cancel came while a ReadSlot was unanswered
+        self._scanning = False    # the page awaited is for the resume scan, not a download
         self._offered = None      # (ref, now_ms) of the Offer being verified, not its bundle
         self._trial_start_ms = None
 
@@ -436,16 +470,19 @@ class Updater:
         """Read the next chunk past the cursor back; the check when all are there."""
         if self._verifier.next_index == self._verifier.manifest.chunk_count():
             return self._start_check()
+        page = self._verifier.page_needed()
+        if page is not None:
+            self._scanning = True
+            self.state = PAGING
+            return [RequestPage(page)]
         self.state = RESUMING
         return [self._read(self._verifier.next_index)]
 
     def _resume_read(self, event):
         index, error = self._check_read(event)
         if error is not None:           # not (wholly) written before the reboot
-            self._verifier = mf.ChunkVerifier(self._verifier.manifest, whole=False,
-                                              next_index=index)
-            self.state = DOWNLOADING
-            return [RequestChunk(index)]
+            self._verifier = self._verifier.resumed_at(index)
+            return self._next()
         self.boot = self.boot.copy(cursor=index + 1)
         return self._scan()
 
@@ -494,8 +531,7 @@ class Updater:
                               trial_ksv=manifest.keyset_version)
         # Chunk hashes only: the whole-payload hash is checked on the read-back.
         self._verifier = mf.ChunkVerifier(manifest, whole=False)
-        self.state = DOWNLOADING
-        return self._save(boot) + [RequestChunk(0)]
+        return self._save(boot) + self._next()
 
     def _rerequest(self, event):
         """The offer again (after a reconnect): ask for the cursor. An offer of
@@ -503,7 +539,31 @@ class Updater:
         the device was away): drop it and take the new one."""
         if event.ref != self.boot.ref:
             return self._reject("superseded") + self._offer(event)
+        if self.state == PAGING:
+            return [RequestPage(self._verifier.page_needed())]
         return [RequestChunk(self.boot.cursor)]
+
+    def _next(self):
+        """Ask for what the download needs next: the page of the next chunk
+        if it is not held, else the chunk."""
+        page = self._verifier.page_needed()
+        if page is not None:
+            self.state = PAGING
+            return [RequestPage(page)]
+        self.state = DOWNLOADING
+        return [RequestChunk(self._verifier.next_index)]
+
+    def _page(self, event):
+        if event.index != self._verifier.page_needed():
+            return []                   # a late answer to an earlier request
+        try:
+            self._verifier.load_page(event.index, event.data)
+        except mf.ManifestError as error:
+            return self._reject(error.code)
+        if self._scanning:
+            self._scanning = False
+            return self._scan()
+        return self._next()
 
     def _chunk(self, event):
         if event.index < self.boot.cursor:        # a late duplicate
@@ -519,7 +579,7 @@ class Updater:
         if self.boot.cursor % self.config.cursor_every == 0:
             actions.append(WriteBootState(self.boot.encode()))
         if self.boot.cursor < self._verifier.manifest.chunk_count():
-            return actions + [RequestChunk(self.boot.cursor)]
+            return actions + self._next()
         return actions + self._start_check()
 
     # -- read-back check ---------------------------------------------------------
@@ -548,7 +608,7 @@ class Updater:
         if error is not None:
             if error.code == "payload_hash":        # the chunks match, the manifest does not
                 return self._reject(error.code)
-            return self._repair(index)
+            return self._repair(v.repair_from)      # a paged manifest: the bad page's first chunk
         # The manifest served the download and the check; from here on the
         # record is small (the bootloader rewrites it at the trial boot).
         return self._save(self.boot.copy(phase=VERIFIED, manifest=b"")) + self._install()
@@ -561,8 +621,7 @@ class Updater:
         self.log("slot %d differs at chunk %d: downloading from there" % (self.boot.target, index))
         self.boot = self.boot.copy(cursor=index, repairs=self.boot.repairs + 1)
         self._verifier = mf.ChunkVerifier(self._verifier.manifest, whole=False, next_index=index)
-        self.state = DOWNLOADING
-        return [WriteBootState(self.boot.encode()), RequestChunk(index)]
+        return [WriteBootState(self.boot.encode())] + self._next()
 
     def _install(self):
         self._verifier = None
@@ -578,6 +637,7 @@ class Updater:
 
     def _reject(self, reason, ref=None):
         self._verifier = self._release = self._verdict = self._offered = None
+        self._scanning = False
         self.state = REJECTED
         boot = self.boot.copy(phase=REJECTED, reason=reason, cursor=0, manifest=b"")
         if ref is not None:

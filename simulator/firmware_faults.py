@@ -100,11 +100,13 @@ def payload(version, size):
 
 def build_release(hw_class, version, security_version, size=9000, keys_dir=None,
                   keyset_name="keyset-v2.cose", signers=SIGNERS, rollout_tag="drill",
-                  expires_s=EXPIRES_AT):
-    """(bundle, payload) signed with the test keys in firmware-images/ through cloud/firmware.py."""
+                  expires_s=EXPIRES_AT, pages=None):
+    """(bundle, payload) signed with the test keys in firmware-images/ through
+    cloud/firmware.py. pages: the paged manifest form (None: over 1.75 MiB)."""
     keys_dir = keys_dir or os.path.join(IMAGES, "keys")
     data = payload(version, size)
-    manifest = firmware.build_manifest(data, hw_class, version, security_version, expires_s, rollout_tag)
+    manifest = firmware.build_manifest(data, hw_class, version, security_version, expires_s, rollout_tag,
+                                       pages=pages)
     keys = [firmware.load_private_key(os.path.join(keys_dir, name + ".key")) for name in signers]
     keyset = firmware.read_file(os.path.join(IMAGES, keyset_name), "key set")
     return firmware.sign_bundle(manifest, keys, keyset), data

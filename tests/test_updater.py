@@ -95,6 +95,7 @@ class Device:
         self.boots = []           # (slot, version) of every boot
         self.reports = []
         self.requests = []
+        self.page_requests = []
         self.reads = []           # ReadSlot actions not answered yet
         self.reboot_pending = False
         self.power_cuts = 0
@@ -115,6 +116,7 @@ class Device:
         self.rig.power_on(self.cuts[0] - self.writes_done if self.cuts else None)
         self.reboot_pending = False
         self.requests = []
+        self.page_requests = []
         self.reads = []
         try:
             slot, blob = self.rig.start()
@@ -151,6 +153,8 @@ class Device:
                 self.reports.append((action.status, action.reason, action.seq))
             elif isinstance(action, up.RequestChunk):
                 self.requests.append(action.index)
+            elif isinstance(action, up.RequestPage):
+                self.page_requests.append(action.index)
             elif isinstance(action, up.ReadSlot):
                 self.reads.append(action)
             elif isinstance(action, up.StepLater):
@@ -178,8 +182,10 @@ def drive(device, bundle=NEW_BUNDLE, payload=NEW_BIN, healthy=True, steps_max=20
           offers_max=3, tamper=None, until=None):
     """The cloud and the network: offer while idle, serve requested chunks,
     answer slot reads, ack telemetry in trial (or not), until a final state
-    (or the state `until`)."""
+    (or the state `until`). Pages of chunk hashes (a paged manifest) are
+    served from the payload's table."""
     parts = chunks(payload)
+    table = None
     offers = 0
     for _ in range(steps_max):
         if device.state == until and not device.reboot_pending:
@@ -195,6 +201,10 @@ def drive(device, bundle=NEW_BUNDLE, payload=NEW_BIN, healthy=True, steps_max=20
             if tamper is not None and index == tamper:
                 data = bytes([data[0] ^ 1]) + data[1:]
             device.feed(up.Chunk(index, data))
+        elif device.state == up.PAGING and device.page_requests:
+            table = table or firmware.chunk_table(payload)
+            page = device.page_requests.pop(0)
+            device.feed(up.Page(page, table[page * mf.PAGE_BYTES:(page + 1) * mf.PAGE_BYTES]))
         elif device.state in (up.CHECKING, up.RESUMING) and device.reads:
             device.answer_read()
         elif device.state == up.TRIAL:

@@ -1,5 +1,6 @@
 """The whole update flow on real MicroPython (the WebAssembly port) for a
-1 MiB image, the update's heap at most 64 KiB: the offer's three signatures (key set and two
+1 MiB image, and for a 2.5 MiB one under a paged manifest (pages of chunk
+hashes fetched one at a time), the update's heap at most 64 KiB: the offer's three signatures (key set and two
 release signers) checked in Steps, every chunk downloaded, checked and
 written, the whole slot read back and checked, the switch, the trial boot
 and the confirmation.
@@ -19,7 +20,9 @@ never exists whole on the device side)."""
 import hashlib
 import os
 
-from agent import updater as up
+import pytest
+
+from agent import manifest as mf, updater as up
 from cloud import firmware
 from mpy import require_micropython, run_micropython_report
 from simulator import firmware_faults as ff
@@ -30,6 +33,7 @@ WORKING_KB = 64      # the update's heap, beside the code and the driver
 HEAP_KB = 144        # the whole heap: code and driver (about 54 KiB here), the update, and
                      # room for the fragmentation of 8 KiB records (128 grew at a verification step)
 IMAGE_BYTES = 1 << 20
+PAGED_IMAGE_BYTES = 5 << 19          # 2.5 MiB: over the 1.75 MiB of a manifest with chunk hashes
 BITS_PER_STEP = 4
 CHUNK = 4096
 
@@ -88,8 +92,9 @@ config = up.Config("sim-v1", ROOT_PUB, k=2, trial_acks_min=2, trial_ms_max=60000
                    bits_per_step=BITS_PER_STEP)
 reports = []
 events = []          # what the board feeds next, one per top-level run
-counts = {"steps": 0, "chunks": 0, "reads": 0, "reboots": 0}
+counts = {"steps": 0, "chunks": 0, "reads": 0, "reboots": 0, "pages": 0}
 chunks = image_chunks(COUNT)
+page_chunks = image_chunks(COUNT)
 updater = None
 
 
@@ -115,6 +120,12 @@ def run(actions):
         elif isinstance(a, up.RequestChunk):
             counts["chunks"] += 1
             events.append(up.Chunk(a.index, next(chunks)))
+        elif isinstance(a, up.RequestPage):
+            # The cloud's part: page p is the hashes of chunks 128p.. (asked in order)
+            counts["pages"] += 1
+            n = min(128, COUNT - 128 * a.index)
+            events.append(up.Page(a.index, b"".join(hashlib.sha256(next(page_chunks)).digest()
+                                                    for _ in range(n))))
         elif isinstance(a, up.ReadSlot):
             counts["reads"] += 1
             events.append(up.SlotRead(a.offset, slots.read_slot(a.slot, a.offset, a.length)))
@@ -163,14 +174,14 @@ boot()
 REPORT = r'''
 print(",".join(reports), updater.state, counts["steps"], counts["chunks"], counts["reads"],
       counts["reboots"], slot_sha256(1, SIZE) == SHA256, BASE, peak[0], written["slot"],
-      written["record"])
+      written["record"], counts["pages"])
 '''
 
 
-def build():
+def build(image_bytes):
     namespace = {}
     exec(IMAGE, namespace)
-    payload = b"".join(bytes(c) for c in namespace["image_chunks"](IMAGE_BYTES // CHUNK))
+    payload = b"".join(bytes(c) for c in namespace["image_chunks"](image_bytes // CHUNK))
     manifest = firmware.build_manifest(payload, "sim-v1", "2.0.0", 2, ff.EXPIRES_AT, "mpy")
     keys_dir = os.path.join(ff.IMAGES, "keys")
     keys = [firmware.load_private_key(os.path.join(keys_dir, n + ".key")) for n in ff.SIGNERS]
@@ -178,12 +189,16 @@ def build():
     return firmware.sign_bundle(manifest, keys, keyset), payload
 
 
-def test_a_1_mib_update_end_to_end_in_a_64_kib_heap():
+@pytest.mark.parametrize("image_bytes", [IMAGE_BYTES, PAGED_IMAGE_BYTES], ids=["1MiB", "2.5MiB-paged"])
+def test_an_update_end_to_end_in_a_64_kib_heap(image_bytes):
+    """1 MiB lists its chunk hashes in the manifest; 2.5 MiB is over the
+    1.75 MiB those fit and signs pages of them, fetched one at a time."""
     require_micropython()
-    bundle, payload = build()
+    bundle, payload = build(image_bytes)
     count = len(payload) // CHUNK
+    pages = (count + 127) // 128 if image_bytes > mf.INLINE_SIZE_MAX else 0
     verify_steps = 3 * 256 // BITS_PER_STEP          # key set + two release signatures
-    runs = 2 + verify_steps + 2 * count + 16          # boot, steps, chunks, read-back, the rest
+    runs = 2 + verify_steps + 2 * count + pages + 16  # boot, steps, chunks, pages, read-back, the rest
     setup = ("ROOT_PUB = %r\nNOW_MS = %d\nCOUNT = %d\nSIZE = %d\nSHA256 = %r\n"
              "BITS_PER_STEP = %d\n" % (ROOT_PUB, NOW_MS, count, len(payload),
                                        hashlib.sha256(payload).digest(), BITS_PER_STEP)) + SCENARIO
@@ -196,6 +211,7 @@ def test_a_1_mib_update_end_to_end_in_a_64_kib_heap():
     steps, chunks, reads, reboots = (int(x) for x in out[2:6])
     assert steps >= verify_steps          # the signatures took many runs, none whole
     assert (chunks, reads, reboots) == (count, count, 1)
+    assert int(out[11]) == pages                # one page of 128 chunk hashes before its chunks
     assert out[6] == "True"               # slot 1 holds the image, byte for byte
     base, peak, slot_bytes, record_bytes = (int(x) for x in out[7:11])
     assert 0 < peak <= WORKING_KB * 1024, peak
@@ -203,7 +219,7 @@ def test_a_1_mib_update_end_to_end_in_a_64_kib_heap():
     # each: per chunk it would be about twice the image again.
     assert slot_bytes == len(payload) + len(b"the factory image")
     assert record_bytes < slot_bytes // 5, (record_bytes, slot_bytes)
-    print("1 MiB update on MicroPython: %d runs, %.0f ms, code and driver %d bytes, "
+    print("%d KiB update on MicroPython (%d pages): %d runs, %.0f ms, code and driver %d bytes, "
           "update's peak %d bytes, heap total %d bytes; flash written: slot %d, record %d bytes"
-          % (runs, result["elapsed_ms"], base, peak, result["heap_peak_bytes"], slot_bytes,
-             record_bytes))
+          % (image_bytes // 1024, pages, runs, result["elapsed_ms"], base, peak,
+             result["heap_peak_bytes"], slot_bytes, record_bytes))

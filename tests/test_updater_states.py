@@ -15,15 +15,20 @@ from hypothesis import strategies as st
 from agent import manifest as mf
 from agent import updater as up
 from agent.errors import LocalError, TetherError
+from cloud import firmware
 from test_updater import CONFIG, NEW_BIN, NEW_BUNDLE, NOW_MS, OLD_BUNDLE, ROOT_PUB, chunks
 
 MANIFEST = mf.verify_release(NEW_BUNDLE, ROOT_PUB, 2)
 PARTS = chunks(NEW_BIN)
 COUNT = MANIFEST.chunk_count()
+# The same payload under a paged manifest (one page): the record of a
+# download of it enters "paging" at boot.
+PAGED = firmware.build_manifest(NEW_BIN, "sim-v1", "1.1.0", 2, MANIFEST.expires_s, "r", pages=True)
+PAGE = firmware.chunk_table(NEW_BIN)
 ACTIONS = (up.WriteSlot, up.WriteBootState, up.Reboot, up.Report, up.RequestChunk, up.ReadSlot,
-           up.StepLater)
+           up.StepLater, up.RequestPage)
 KNOWN = (up.OFF, up.IDLE, up.VERIFYING, up.RESUMING, up.DOWNLOADING, up.CHECKING, up.INSTALLED, up.TRIAL,
-         up.CONFIRMED, up.ROLLED_BACK, up.REJECTED, up.REBOOTING)
+         up.CONFIRMED, up.ROLLED_BACK, up.REJECTED, up.REBOOTING, up.PAGING)
 
 
 def record(phase, **fields):
@@ -45,6 +50,7 @@ ENTRIES = {
     up.ROLLED_BACK: (0, record(up.ROLLED_BACK, reason="trial_timeout")),
     up.REJECTED: (0, record(up.REJECTED, reason="expired")),
     up.REBOOTING: (1, record(up.IDLE)),
+    up.PAGING: (0, record(up.DOWNLOADING, cursor=1, manifest=PAGED)),
 }
 STATES = [up.OFF, up.ERROR, up.VERIFYING, up.DOWNLOADING] + sorted(ENTRIES)
 
@@ -85,12 +91,14 @@ events = st.one_of(
     st.builds(up.Chunk, index, chunk_data),
     st.builds(up.SlotRead, st.one_of(index.map(lambda i: i * 4096 if type(i) is int else i),
                                      garbage), chunk_data),
+    st.builds(up.Page, st.one_of(st.integers(-1, 2), garbage),
+              st.one_of(st.just(PAGE), st.binary(max_size=40), st.just(PAGE[:-1] + b"\0"), garbage)),
     st.builds(up.Healthy, st.one_of(st.integers(-1, 10), garbage), now_ms),
     st.builds(up.Tick, now_ms),
     st.builds(up.Cancel, st.one_of(st.sampled_from(["", "rel-1"]), garbage)),
     st.just(up.Step()),
     garbage,                                          # not an event at all
-    st.sampled_from([up.Reboot(), up.RequestChunk(0), up.StepLater(), object()]),
+    st.sampled_from([up.Reboot(), up.RequestChunk(0), up.RequestPage(0), up.StepLater(), object()]),
 )
 
 
@@ -131,7 +139,7 @@ def test_each_state_with_each_well_formed_event_kind(state):
     """The table, exhaustively: for each pair, which outcome (no Hypothesis)."""
     kinds = [up.Booted(0, None), up.Offer(b"x", NOW_MS), up.Chunk(1, PARTS[1]),
              up.SlotRead(0, PARTS[0]), up.Healthy(3, NOW_MS), up.Tick(NOW_MS), up.Cancel(""),
-             up.Step()]
+             up.Step(), up.Page(0, PAGE)]
     for event in kinds:
         u = machine(state)
         accepted = (state, type(event)) in up.TRANSITIONS
