@@ -235,7 +235,6 @@ class ChunkVerifier:
             raise LocalError("resume index %d is outside the payload" % next_index, "bad_resume")
         self.manifest = manifest
         self.next_index = next_index
-        self.received_bytes = min(next_index * CHUNK_BYTES, manifest.size)
         self.finished = False
         self.error = None
         self.repair_from = None
@@ -253,6 +252,8 @@ class ChunkVerifier:
                 self._page_hash = hashlib.sha256()
             else:
                 self._hashes, self._end = None, 0
+        self._last = self._count - 1
+        self._plain = not whole and self._page_hash is None
 
     def page_needed(self):
         """The page to load before the next chunk, or None."""
@@ -264,7 +265,7 @@ class ChunkVerifier:
         """Hold page `page` (the next one needed) after checking its hash."""
         if self._closed:
             self._usable()
-        if page != self.page_needed():
+        if page is None or page != self.page_needed():
             raise LocalError("page %r is not the one needed (%r)" % (page, self.page_needed()),
                              "bad_page_use")
         want = page_bytes(self._count, page)
@@ -291,21 +292,34 @@ class ChunkVerifier:
         """Accept chunk `index` (bytes, bytearray or memoryview), or raise."""
         if self._closed:
             self._usable()
-        n = len(data)
         if (index != self.next_index or index >= self._end
-                or n != (CHUNK_BYTES if index < self._count - 1 else self._last_bytes)):
-            self._refuse(index, n)
+                or len(data) != (CHUNK_BYTES if index < self._last else self._last_bytes)):
+            self._refuse(index, len(data))
+        if self._plain:                     # the download's path: one hash, one compare
+            at = (index - self._base) << 5  # * DIGEST_BYTES
+            if _sha256(data).digest() != self._hashes[at:at + 32]:
+                self._tampered(index)
+        else:
+            self._check(index, data)
+        self.next_index = index + 1
+
+    @property
+    def received_bytes(self):
+        return min(self.next_index * CHUNK_BYTES, self.manifest.size)
+
+    def _check(self, index, data):
+        """update()'s check with the whole-payload hash or a paged read-back."""
         digest = _sha256(data).digest()
-        at = (index - self._base) << 5      # * DIGEST_BYTES
         if self._page_hash is not None:
             self._page_digest(index, digest)
-        elif digest != self._hashes[at:at + 32]:
-            self.repair_from = index
-            self._fail(ManifestError("chunk %d does not match its hash" % index, "tampered_chunk"))
+        elif digest != self._hashes[index << 5:(index + 1) << 5]:
+            self._tampered(index)
         if self._whole is not None:
             self._whole.update(data)
-        self.next_index = index + 1
-        self.received_bytes += n
+
+    def _tampered(self, index):
+        self.repair_from = index
+        self._fail(ManifestError("chunk %d does not match its hash" % index, "tampered_chunk"))
 
     def _page_digest(self, index, digest):
         self._page_hash.update(digest)
@@ -352,7 +366,8 @@ class ChunkVerifier:
             raise LocalError("chunk %d needs page %d, not loaded" % (index, index // PAGE_CHUNKS),
                              "page_needed")
         want = min(CHUNK_BYTES, self.manifest.size - index * CHUNK_BYTES)
-        self.repair_from = index
+        # A paged read-back has checked nothing of this page yet: from its start.
+        self.repair_from = index if self._page_hash is None else index - index % PAGE_CHUNKS
         self._fail(ManifestError("chunk %d has %d bytes, expected %d" % (index, n, want),
                                  "oversized" if n > want else "truncated"))
 

@@ -4,9 +4,10 @@ hashlib.sha256 over the same bytes, in the same run.
     .venv/bin/python benchmarks/verify_bench.py [--repeat 15] [--no-micropython] [--json OUT]
                                                 [--software-sha]
 
-For images of 256 KiB, 1 MiB and 4 MiB (4 MiB is past what a signed
-manifest may describe, 1.75 MiB: its Manifest object is built directly, to
-show how the cost scales):
+For images of 256 KiB, 1 MiB, 4 MiB and 16 MiB (over 512 KiB the manifest
+is paged, as cloud/firmware.py builds it: it signs pages of 128 chunk
+hashes, and the stream loads and checks each page before its chunks, as the
+updater does; those loads are timed with the stream):
 
 - raw: one hashlib.sha256, update() with each 4 KiB chunk, digest(): the
   cheapest way to hash the image once;
@@ -31,6 +32,7 @@ with time.ticks_ms, heap peak from the runner.
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -46,7 +48,7 @@ from agent import manifest as mf  # noqa: E402
 
 CHUNK = mf.CHUNK_BYTES
 SOFTWARE_SHA_CAP = "~0x0:~0x20000000"   # CPUID.7.EBX bit 29 (SHA) off, the rest as detected
-SIZES = (256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+SIZES = (256 * 1024, 1024 * 1024, 4 * 1024 * 1024, 16 * 1024 * 1024)
 
 
 def image_chunks(size):
@@ -59,13 +61,19 @@ def image_chunks(size):
 
 
 def manifest_for(size):
+    """The Manifest (paged over mf.INLINE_SIZE_MAX) and the chunk hashes end to end."""
     hashes = []
     whole = hashlib.sha256()
     for _, chunk in image_chunks(size):
         hashes.append(hashlib.sha256(chunk).digest())
         whole.update(chunk)
-    return mf.Manifest("bench", "1.0.0", 1, size, whole.digest(), b"".join(hashes),
-                       1 << 39, "bench")
+    table = b"".join(hashes)
+    if len(table) <= mf.PAGE_BYTES:         # as cloud/firmware.py's build_manifest decides
+        return mf.Manifest("bench", "1.0.0", 1, size, whole.digest(), table, 1 << 39, "bench"), table
+    pages = b"".join(hashlib.sha256(table[i:i + mf.PAGE_BYTES]).digest()
+                     for i in range(0, len(table), mf.PAGE_BYTES))
+    return mf.Manifest("bench", "1.0.0", 1, size, whole.digest(), None, 1 << 39, "bench",
+                       pages), table
 
 
 def run_raw(size):
@@ -75,18 +83,25 @@ def run_raw(size):
     return h.digest()
 
 
-def run_verifier(manifest, whole):
+def run_verifier(manifest, whole, table):
     v = mf.ChunkVerifier(manifest, whole=whole)
-    for i, chunk in image_chunks(manifest.size):
-        v.update(i, chunk)
+    source = image_chunks(manifest.size)
+    if manifest.paged and not whole:    # each page loaded (and checked) before its chunks
+        for page in range(mf.page_count(manifest.chunk_count())):
+            v.load_page(page, table[page * mf.PAGE_BYTES:(page + 1) * mf.PAGE_BYTES])
+            for i, chunk in itertools.islice(source, mf.PAGE_CHUNKS):
+                v.update(i, chunk)
+    else:
+        for i, chunk in source:
+            v.update(i, chunk)
     v.finish()
 
 
-def run_floor(manifest):
+def run_floor(table, size):
     """A SHA-256 per chunk compared with the manifest's, nothing else: the
     least a per-chunk check can cost (one hash object per chunk)."""
-    sha256, hashes = hashlib.sha256, manifest.chunk_hashes
-    for i, chunk in image_chunks(manifest.size):
+    sha256, hashes = hashlib.sha256, table
+    for i, chunk in image_chunks(size):
         if sha256(chunk).digest() != hashes[i * 32:i * 32 + 32]:
             raise AssertionError(i)
 
@@ -103,23 +118,23 @@ def timed(fn, *args):
 
 
 def measure(size, repeat):
-    manifest = manifest_for(size)
+    manifest, table = manifest_for(size)
     best = {"raw": 1e9, "stream": 1e9, "readback": 1e9, "source": 1e9, "floor": 1e9}
     for _ in range(repeat):
         best["source"] = min(best["source"], timed(run_source_only, size))
         best["raw"] = min(best["raw"], timed(run_raw, size))
-        best["floor"] = min(best["floor"], timed(run_floor, manifest))
-        best["stream"] = min(best["stream"], timed(run_verifier, manifest, False))
-        best["readback"] = min(best["readback"], timed(run_verifier, manifest, True))
+        best["floor"] = min(best["floor"], timed(run_floor, table, size))
+        best["stream"] = min(best["stream"], timed(run_verifier, manifest, False, table))
+        best["readback"] = min(best["readback"], timed(run_verifier, manifest, True, table))
     peaks = {}
-    for name, fn, args in (("raw", run_raw, (size,)), ("stream", run_verifier, (manifest, False)),
-                           ("readback", run_verifier, (manifest, True))):
+    for name, fn, args in (("raw", run_raw, (size,)), ("stream", run_verifier, (manifest, False, table)),
+                           ("readback", run_verifier, (manifest, True, table))):
         tracemalloc.start()
         fn(*args)
         peaks[name] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     mib = size / (1 << 20)
-    row = {"bytes": size, "chunks": manifest.chunk_count()}
+    row = {"bytes": size, "chunks": manifest.chunk_count(), "paged": manifest.paged}
     for name in ("raw", "stream", "readback"):
         row[name + "_ms"] = round(best[name] * 1000, 3)
         row[name + "_mib_s"] = round(mib / best[name], 1)
@@ -187,7 +202,7 @@ def micropython(size=1 << 20, heap_kb=64, rounds=2):
     from mpy import REPO, micropython_available, run_micropython_report
     if not micropython_available():
         return None
-    manifest = manifest_for(size)
+    manifest, table = manifest_for(size)    # its chunk hashes, inline on the device
     steps = ["import gc, hashlib, struct, time, binascii, os"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in MPY_PRECOMPILED:
@@ -201,7 +216,7 @@ def micropython(size=1 << 20, heap_kb=64, rounds=2):
                       for i in range(0, len(text), MPY_HEX)]
             steps.append("f.close()\nf = None\nos.remove('/agent/%s.py')" % name)
     steps += ["from agent import cbor", "from agent import manifest as mf", MPY_IMAGE]
-    steps += _hex_steps("HASHES", manifest.chunk_hashes)
+    steps += _hex_steps("HASHES", table)
     steps.append("m = mf.Manifest('bench', '1.0.0', 1, %d, binascii.unhexlify(%r), bytes(HASHES), "
                  "1 << 39, 'bench')\nHASHES = None" % (size, manifest.sha256.hex()))
     modes = ("raw", "stream", "readback")

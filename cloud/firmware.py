@@ -162,11 +162,14 @@ def check_payload(manifest, payload):
 
 def build_manifest(payload, hw_class, version, security_version, expires_s, rollout_id, pages=None):
     """Deterministic manifest bytes for payload; FirmwareError on a bad field.
-    pages: list page hashes instead of chunk hashes (None: only when the
-    payload is over mf.INLINE_SIZE_MAX, where chunk hashes do not fit)."""
+    pages: list page hashes instead of chunk hashes. None (the default):
+    pages when the chunk hashes are more than one page (over 512 KiB of
+    payload): the device then holds one 4 KiB page of them at a time instead
+    of the whole list (1 MiB: 8 KiB of hashes in its heap and in every
+    write of its download cursor), and images past 1.75 MiB need it."""
     table = chunk_table(payload)
     if pages is None:
-        pages = len(payload) > mf.INLINE_SIZE_MAX
+        pages = len(table) > mf.PAGE_BYTES
     page_hashes = None
     if pages:
         page_hashes = b"".join(hashlib.sha256(table[i:i + mf.PAGE_BYTES]).digest()
@@ -250,6 +253,8 @@ def _manifest_dict(manifest_bytes):
     m = mf.parse(manifest_bytes)
     return {"hw_class": m.hw_class, "version": m.version, "security_version": m.security_version,
             "size": m.size, "sha256": m.sha256.hex(), "chunks": m.chunk_count(),
-            "chunk_bytes": mf.CHUNK_BYTES, "expires_s": m.expires_s, "rollout_id": m.rollout_id,
+            "chunk_bytes": mf.CHUNK_BYTES, "form": "pages" if m.paged else "chunks",
+            "pages": mf.page_count(m.chunk_count()) if m.paged else 0,
+            "expires_s": m.expires_s, "rollout_id": m.rollout_id,
             "manifest_bytes": len(manifest_bytes),
             "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}

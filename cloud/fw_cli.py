@@ -25,9 +25,9 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 DESCRIPTION = """\
 Signed firmware releases. A release is a payload plus a bundle: the manifest
 (hardware class, version, security version, size, SHA-256 of the payload and
-of each 4 KiB chunk, expiry, rollout id), signed by k or more release keys,
-with the release key set signed by the offline root key. Devices trust only
-the root public key.
+of each 4 KiB chunk, or over 512 KiB of each page of 128 chunk hashes,
+expiry, rollout id), signed by k or more release keys, with the release key
+set signed by the offline root key. Devices trust only the root public key.
 
   tether fw keygen --out keys --name root
   tether fw keygen --out keys --name release-1     (and release-2, release-3)
@@ -84,7 +84,10 @@ def _add_keyset(sub):
 def _add_build(sub):
     p = sub.add_parser("build", help="make the manifest of a payload (deterministic)",
                        description="Hash the payload (whole, and per 4 KiB chunk) and write the "
-                       "manifest as deterministic CBOR. The same inputs give the same bytes; a "
+                       "manifest as deterministic CBOR. A payload up to 512 KiB lists its chunk "
+                       "hashes; a larger one (up to 224 MiB) lists the hash of each page of 128 "
+                       "chunk hashes instead (the chunks form holds at most 1.75 MiB). The same "
+                       "inputs give the same bytes; a "
                        "relative expiry counts from --now (default $SOURCE_DATE_EPOCH, else the clock).")
     p.add_argument("--payload", required=True, metavar="FILE", help="the firmware image")
     p.add_argument("--hw-class", required=True, help="hardware class the image is for, e.g. sim-v1")
@@ -96,6 +99,10 @@ def _add_build(sub):
     when.add_argument("--expires-at", type=_uint, metavar="UNIX_S", help="absolute expiry")
     p.add_argument("--now", type=_uint, metavar="UNIX_S", help="base for --expires-in-days")
     p.add_argument("--rollout-id", required=True, help="rollout this release belongs to")
+    p.add_argument("--pages", action="store_true",
+                   help="list page hashes even for a payload of one page of chunk hashes or less "
+                   "(default: automatic, pages only over 512 KiB; a device then fetches each page "
+                   "before the chunks it covers)")
     p.add_argument("--out", required=True, metavar="MANIFEST")
 
 
@@ -197,11 +204,12 @@ def build(args):
         now_s = args.now if args.now is not None else int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
         expires_s = now_s + int(args.expires_in_days * 86400)
     data = firmware.build_manifest(payload, args.hw_class, args.version, args.security_version,
-                                   expires_s, args.rollout_id)
+                                   expires_s, args.rollout_id, pages=args.pages or None)
     firmware.write_file(args.out, data)
-    print("manifest %s: %s %s, security version %d, %d bytes in %d chunks, expires %d -> %s"
+    print("manifest %s: %s %s, security version %d, %d bytes in %d chunks (%s), expires %d -> %s"
           % (hashlib.sha256(data).hexdigest()[:16], args.hw_class, args.version,
-             args.security_version, len(payload), mf.chunk_count(len(payload)), expires_s, args.out))
+             args.security_version, len(payload), mf.chunk_count(len(payload)),
+             _form(firmware.describe(data)["manifest"]), expires_s, args.out))
     return EXIT_OK
 
 
@@ -264,10 +272,18 @@ def _text(info):
                   "  version          %s" % m["version"],
                   "  security version %d" % m["security_version"],
                   "  payload          %d bytes, %d chunks of %d" % (m["size"], m["chunks"], m["chunk_bytes"]),
+                  "  form             %s" % _form(m),
                   "  sha256           %s" % m["sha256"],
                   "  expires          %d (%s UTC)" % (m["expires_s"], _utc(m["expires_s"])),
                   "  rollout          %s" % m["rollout_id"]]
     return "\n".join(lines)
+
+
+def _form(manifest_info):
+    """"chunks", or "pages (n)": how the manifest lists the payload's hashes."""
+    if manifest_info["form"] == "pages":
+        return "pages (%d)" % manifest_info["pages"]
+    return "chunks"
 
 
 def _utc(seconds):

@@ -10,9 +10,15 @@ code for both). The message format is in docs/ota.md.
 
 The broker's ACL has already checked that a message's topic belongs to the
 certificate that sent it (cloud/broker.py SERVICE_TOPICS), so the topic
-names the sender. An offer is sent, and a chunk served, only while
-`Engine.offer_for(device)` still names that release: a pause, abort, halt
-or kill made by any process (the CLI) takes effect at the next message.
+names the sender. An offer is sent, and a chunk or page served, only
+while `Engine.offer_for(device)` still names that release: a pause, abort,
+halt or kill made by any process (the CLI) takes effect at the next message.
+
+A device whose manifest is paged (over 512 KiB as the tool builds them, docs/firmware-signing.md)
+asks for page p before chunks 128p..: page p is the 4 KiB slice p of the
+release's chunk table (cloud/firmware.py chunk_table, every chunk's SHA-256
+end to end), computed once per release and cached beside its bundle and
+payload.
 """
 
 import collections
@@ -28,6 +34,7 @@ from agent import ota_wire
 from agent.ota_wire import REASON_CHARS_MAX, UP, UP_BYTES_MAX, WireError, encode
 from cloud.ca import OTA_IDENTITY
 from cloud.errors import CloudError
+from cloud.firmware import chunk_table
 from cloud.rollout import Engine, Policy
 from cloud.rollout_actions import Cancel, Offer
 from cloud.rollout_plan import RolloutError
@@ -36,7 +43,7 @@ log = logging.getLogger("tether.ota")
 
 REPORTS_KEPT_MAX = 10000            # recent reports kept in memory (the engine keeps the record)
 REFUSALS_KEPT_MAX = 1000            # recent refusals kept in memory (every one is logged)
-RELEASES_CACHED_MAX = 8             # (bundle, payload) kept in memory for serving
+RELEASES_CACHED_MAX = 8             # (bundle, payload), and chunk tables, kept in memory for serving
 TICK_S_DEFAULT = 1.0
 START_TIMEOUT_S = 10.0
 
@@ -77,9 +84,11 @@ class OtaCore:
     def __init__(self, engine):
         self.engine = engine
         self.cache = collections.OrderedDict()    # release id -> (bundle, payload)
+        self.tables = collections.OrderedDict()   # release id -> chunk table (the pages)
         self.reports = collections.deque(maxlen=REPORTS_KEPT_MAX)
         self.refusals = collections.deque(maxlen=REFUSALS_KEPT_MAX)
-        self.counts = {"hello": 0, "report": 0, "chunk_served": 0, "offers_sent": 0, "refused": 0}
+        self.counts = {"hello": 0, "report": 0, "chunk_served": 0, "page_served": 0,
+                       "offers_sent": 0, "refused": 0}
         self.refused_by_code = {}
 
     def on_message(self, topic, payload, now_ms):
@@ -132,22 +141,33 @@ class OtaCore:
         return self.deliver(actions)
 
     def _chunk(self, identity, tenant, f, now_ms):
+        return self._serve(identity, "chunk", f, lambda release: self.blobs(release)[1], mf.CHUNK_BYTES)
+
+    def _page(self, identity, tenant, f, now_ms):
+        return self._serve(identity, "page", f, self.chunk_table, mf.PAGE_BYTES)
+
+    def _serve(self, identity, op, f, source, piece_bytes):
+        """Piece f["i"] of source(release) as an `op` message, only while the
+        engine offers that release to identity."""
         offer = self.engine.offer_for(identity)
         if offer is None or offer.release != f["ref"]:
-            self.refuse(identity, OtaError("%s is not offered %s now" % (identity, f["ref"]), "not_offered"))
-            out = [(update_topic(identity), encode("error", why="not_offered", ref=f["ref"]))]
-            if self._known(f["ref"]):
-                # A release of ours, withdrawn: a device that missed the cancel
-                # (offline then, sessions are clean) would ask for it forever.
-                out.append((update_topic(identity), encode("cancel", ref=f["ref"], why="not offered now")))
-            return out
-        payload = self.blobs(offer.release)[1]
-        start = f["i"] * mf.CHUNK_BYTES
-        if start >= len(payload):
-            raise OtaError("chunk %d is past the payload" % f["i"], "bad_index")
-        self.counts["chunk_served"] += 1
-        data = payload[start:start + mf.CHUNK_BYTES]
-        return [(update_topic(identity), encode("chunk", ref=offer.release, i=f["i"], data=data))]
+            return self._not_offered(identity, f["ref"])
+        data = source(offer.release)
+        start = f["i"] * piece_bytes
+        if start >= len(data):
+            raise OtaError("%s %d is past the release's last" % (op, f["i"]), "bad_index")
+        self.counts[op + "_served"] += 1
+        piece = data[start:start + piece_bytes]
+        return [(update_topic(identity), encode(op, ref=offer.release, i=f["i"], data=piece))]
+
+    def _not_offered(self, identity, release):
+        self.refuse(identity, OtaError("%s is not offered %s now" % (identity, release), "not_offered"))
+        out = [(update_topic(identity), encode("error", why="not_offered", ref=release))]
+        if self._known(release):
+            # A release of ours, withdrawn: a device that missed the cancel
+            # (offline then, sessions are clean) would ask for it forever.
+            out.append((update_topic(identity), encode("cancel", ref=release, why="not offered now")))
+        return out
 
     # -- helpers --------------------------------------------------------------------
 
@@ -165,14 +185,14 @@ class OtaCore:
 
     def blobs(self, release):
         """(bundle, payload) of a release, from a small cache (cloud/fw_http.py serves from it too)."""
-        if release in self.cache:
-            self.cache.move_to_end(release)
-            return self.cache[release]
-        blobs = self.engine.release_blobs(release)
-        self.cache[release] = (bytes(blobs[0]), bytes(blobs[1]))
-        while len(self.cache) > RELEASES_CACHED_MAX:
-            self.cache.popitem(last=False)
-        return self.cache[release]
+        def load():
+            bundle, payload = self.engine.release_blobs(release)
+            return bytes(bundle), bytes(payload)
+        return _cached(self.cache, release, load)
+
+    def chunk_table(self, release):
+        """A release's chunk hashes end to end (page p is slice p), from a small cache."""
+        return _cached(self.tables, release, lambda: chunk_table(self.blobs(release)[1]))
 
     def refuse(self, who, error):
         """Record, count and log a refused message or request."""
@@ -181,6 +201,17 @@ class OtaCore:
         self.refused_by_code[code] = self.refused_by_code.get(code, 0) + 1
         self.refusals.append({"device": who, "code": code, "detail": str(error)[:200], "ms": _now_ms()})
         log.warning("ota: refused a message from %s: %s (%s)", who, code, error)
+
+
+def _cached(cache, release, make):
+    """cache[release], made on a miss; the least recently used go past RELEASES_CACHED_MAX."""
+    if release in cache:
+        cache.move_to_end(release)
+        return cache[release]
+    value = cache[release] = make()
+    while len(cache) > RELEASES_CACHED_MAX:
+        cache.popitem(last=False)
+    return value
 
 
 def _now_ms():

@@ -5,6 +5,7 @@ and firmware-images/ rebuilds byte for byte from its committed keys.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import sys
 import cbor2
 import pytest
 
+from agent import manifest as mf
 from cloud import fw_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,15 +138,61 @@ def test_inspect_text_and_json(release, capsys):
     assert fw("inspect", "--bundle", release / "b") == 0
     text = capsys.readouterr().out
     assert "NOT verified" in text and "security version 4" in text and "sim-v1" in text
+    assert "form             chunks\n" in text
     assert fw("inspect", "--bundle", release / "b", "--json") == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "bundle" and len(info["signers"]) == 2
     assert info["manifest"]["size"] == 12800 and info["manifest"]["chunks"] == 4
+    assert info["manifest"]["form"] == "chunks" and info["manifest"]["pages"] == 0
     assert info["keyset"]["version"] == 1 and len(info["keyset"]["keys"]) == 3
     assert fw("inspect", "--bundle", release / "ks1.cose", "--json") == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "keyset"
     (release / "junk").write_bytes(b"\xff\x00junk")
     assert fw("inspect", "--bundle", release / "junk") == 1
+
+
+def build_big(d, size, out, *extra):
+    """A payload of size bytes (every chunk different) as big.bin, and its manifest."""
+    (d / "big.bin").write_bytes(hashlib.shake_256(b"big %d" % size).digest(size))
+    return fw("build", "--payload", d / "big.bin", "--hw-class", "sim-v1", "--version", "2.0.0",
+              "--security-version", 4, "--expires-in-days", 30, "--now", NOW,
+              "--rollout-id", "r1", "--out", d / out, *extra)
+
+
+def test_paged_build_sign_verify_inspect(release, capsys):
+    """--pages on 300 chunks (pages of 128, 128 and 44 chunk hashes), the
+    last chunk short: the device's checks accept it, and refuse it with one
+    byte flipped."""
+    assert build_big(release, 300 * 4096 - 100, "pm.cbor", "--pages") == 0
+    assert "300 chunks (pages (3))" in capsys.readouterr().out
+    assert fw("sign", "--manifest", release / "pm.cbor", "--key", release / "keys/release-1.key",
+              "--key", release / "keys/release-2.key", "--keyset", release / "ks1.cose",
+              "--out", release / "pb") == 0
+    capsys.readouterr()
+    assert verify(release, bundle="pb", payload="big.bin") == 0
+    assert "ok: sim-v1 2.0.0" in capsys.readouterr().out
+    assert fw("inspect", "--bundle", release / "pb") == 0
+    assert "form             pages (3)\n" in capsys.readouterr().out
+    assert fw("inspect", "--bundle", release / "pb", "--json") == 0
+    m = json.loads(capsys.readouterr().out)["manifest"]
+    assert (m["form"], m["pages"], m["chunks"], m["size"]) == ("pages", 3, 300, 300 * 4096 - 100)
+    data = bytearray((release / "big.bin").read_bytes())
+    data[200 * 4096 + 7] ^= 1                           # chunk 200: found at page 1's last chunk
+    (release / "big.bin").write_bytes(bytes(data))
+    assert verify(release, bundle="pb", payload="big.bin") == 1
+    assert capsys.readouterr().out.startswith("refused: tampered_chunk:")
+
+
+def test_build_pages_automatically_over_one_page_of_chunk_hashes(release, capsys):
+    one_page = mf.PAGE_CHUNKS * mf.CHUNK_BYTES              # 512 KiB: one page of chunk hashes
+    assert build_big(release, one_page, "inline.cbor") == 0
+    assert "128 chunks (chunks)" in capsys.readouterr().out
+    assert build_big(release, one_page + 1, "auto.cbor") == 0
+    assert "129 chunks (pages (2))" in capsys.readouterr().out
+    assert fw("inspect", "--bundle", release / "auto.cbor", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "manifest" and info["manifest"]["form"] == "pages"
+    assert info["manifest"]["pages"] == 2
 
 
 def test_usage_errors_exit_2(release, capsys):

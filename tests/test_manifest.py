@@ -29,8 +29,8 @@ PAYLOAD = bytes((i * 7 + i // 4096) & 0xFF for i in range(3 * 4096 + 100))   # 4
 
 
 def make_manifest(payload=PAYLOAD, hw="sim-v1", version="1.0.0", sv=5, expires_s=NOW_S + 3600,
-                  rollout="r1"):
-    return firmware.build_manifest(payload, hw, version, sv, expires_s, rollout)
+                  rollout="r1", pages=False):
+    return firmware.build_manifest(payload, hw, version, sv, expires_s, rollout, pages=pages)
 
 
 def keyset(version=1, keys=(A, B, C), revoked=(), root=ROOT):

@@ -10,10 +10,14 @@ cloud/firmware.py):
 - hostile messages are refused with a reason and the service goes on;
 - a device cannot report on another device's topic (the broker's ACL).
 
-Plus the message format, fuzzed with Hypothesis against OtaCore directly:
-any bytes are either handled or refused with an OtaError code, never a crash.
+Plus OtaCore on its own engine (no broker): chunks and pages of a paged
+release served only while it is offered, each page the slice of the
+release's chunk table the manifest signs; and the message format, fuzzed
+with Hypothesis against OtaCore directly: any bytes are either handled or
+refused with an OtaError code, never a crash.
 """
 
+import hashlib
 import os
 import tempfile
 
@@ -21,8 +25,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agent import cbor
+from agent import manifest as mf
 from agent import updater as up
 from agent import ota_wire as wire
+from cloud import firmware
 from cloud import ota_service as ota
 from cloud import rollout_plan as rp
 from cloud.rollout import Engine, Policy
@@ -219,6 +225,143 @@ async def test_a_device_cannot_report_for_another_device(cloud):
         await dev.close()
 
 
+# ---------------------------------------------------------------- OtaCore: chunks and pages
+
+PAGED = "1.3.0"
+PAGED_ID = release_id(HW, PAGED)
+PAGED_CHUNKS = 300          # pages of 128, 128 and 44 chunk hashes; the last chunk short
+ME = "acme/dev-1"
+
+
+def paged_release(version=PAGED, chunks=PAGED_CHUNKS):
+    """(bundle, payload, manifest bytes) of a small image, paged on request."""
+    bundle, payload = ff.build_release(HW, version, 1, size=chunks * mf.CHUNK_BYTES - 100, pages=True)
+    manifest = firmware.build_manifest(payload, HW, version, 1, ff.EXPIRES_AT, "drill", pages=True)
+    return bundle, payload, manifest
+
+
+PAGED_RELEASE = paged_release()
+INLINE_RELEASE = ff.build_release(HW, ota_drill.GOOD, 1, size=5 * mf.CHUNK_BYTES, pages=False)
+
+
+@pytest.fixture
+def core(tmp_path):
+    """An OtaCore on its own engine, offering the paged release to ME."""
+    engine = Engine(str(tmp_path / "rollouts.db"), Policy())
+    engine.set_trust(ff.root_public_key(), 2, [HW], PEOPLE[0], now_ms())
+    engine.add_release(PAGED_RELEASE[0], PAGED_RELEASE[1], PEOPLE[0], now_ms())
+    engine.add_release(*INLINE_RELEASE, PEOPLE[0], now_ms())
+    engine.observe(ME, "acme", "site-0", HW, ota_drill.FACTORY, now_ms())
+    c = ota.OtaCore(engine)
+    rollout = engine.create(PAGED_ID, PLAN, PEOPLE[0], "test", now_ms())
+    engine.approve(rollout, PEOPLE[1], now_ms())
+    engine.approve(rollout, PEOPLE[2], now_ms())
+    offers = [m for m in sent(c.tick(now_ms())) if m[0] == "offer"]
+    assert offers == [("offer", {"ref": PAGED_ID, "bundle": PAGED_RELEASE[0]})]
+    yield c
+    engine.close()
+
+
+def sent(out):
+    """[(op, fields)] of what the core sends, parsed as a device would."""
+    assert all(topic == ota.update_topic(ME) for topic, _ in out)
+    return [ota.parse(payload, wire.DOWN, wire.DOWN_BYTES_MAX) for _, payload in out]
+
+
+def ask(core, op, ref=PAGED_ID, i=0):
+    return sent(core.on_message("t/%s/ota" % ME, ota.encode(op, ref=ref, i=i), now_ms()))
+
+
+def test_core_pages_are_the_chunk_table_the_manifest_signs(core):
+    _, payload, manifest_bytes = PAGED_RELEASE
+    m = mf.parse(manifest_bytes)
+    table = firmware.chunk_table(payload)
+    assert m.paged and m.chunk_count() == PAGED_CHUNKS
+    for page in range(3):
+        [(op, f)] = ask(core, "page", i=page)
+        assert (op, f["ref"], f["i"]) == ("page", PAGED_ID, page)
+        assert f["data"] == table[page * mf.PAGE_BYTES:(page + 1) * mf.PAGE_BYTES]
+        assert len(f["data"]) == mf.page_bytes(PAGED_CHUNKS, page)
+        assert hashlib.sha256(f["data"]).digest() == m.page_hash(page)
+    assert core.counts["page_served"] == 3 and core.counts["refused"] == 0
+
+
+def test_core_download_of_a_paged_release_passes_the_device_check(core):
+    """Every page and chunk fetched from the core, in the order the device
+    asks for them, through the device's ChunkVerifier."""
+    _, payload, manifest_bytes = PAGED_RELEASE
+    verifier = mf.ChunkVerifier(mf.parse(manifest_bytes), whole=False)
+    got = bytearray()
+    for index in range(PAGED_CHUNKS):
+        page = verifier.page_needed()
+        if page is not None:
+            [(_, f)] = ask(core, "page", i=page)
+            verifier.load_page(page, f["data"])
+        [(_, f)] = ask(core, "chunk", i=index)
+        verifier.update(index, f["data"])
+        got += f["data"]
+    verifier.finish()
+    assert bytes(got) == payload
+    assert core.counts["page_served"] == 3 and core.counts["chunk_served"] == PAGED_CHUNKS
+
+
+def test_core_computes_a_chunk_table_once_and_keeps_a_few(core, monkeypatch):
+    made = []
+    monkeypatch.setattr(ota, "chunk_table", lambda payload: made.append(len(payload)) or
+                        firmware.chunk_table(payload))
+    for page in (0, 1, 0, 2):
+        assert ask(core, "page", i=page)[0][0] == "page"
+    assert made == [len(PAGED_RELEASE[1])]
+    monkeypatch.setattr(ota, "RELEASES_CACHED_MAX", 1)
+    core.chunk_table(release_id(HW, ota_drill.GOOD))
+    assert list(core.tables) == [release_id(HW, ota_drill.GOOD)] and len(core.cache) == 1
+    assert ask(core, "page", i=0)[0][0] == "page"
+    assert list(core.tables) == [PAGED_ID] and len(made) == 3
+
+
+def test_core_pages_only_while_offered(core):
+    [(op, f)] = ask(core, "page", ref="sim-v1-9.9.9")          # no such release: nothing to cancel
+    assert (op, f) == ("error", {"why": "not_offered", "ref": "sim-v1-9.9.9"})
+    other = release_id(HW, ota_drill.GOOD)                    # ours, but not offered to ME
+    assert ask(core, "page", ref=other) == [("error", {"why": "not_offered", "ref": other}),
+                                            ("cancel", {"ref": other, "why": "not offered now"})]
+    core.engine.abort(core.engine.offer_for(ME).rollout, PEOPLE[1], "test: withdrawn", now_ms())
+    for op in ("page", "chunk"):
+        assert ask(core, op) == [("error", {"why": "not_offered", "ref": PAGED_ID}),
+                                 ("cancel", {"ref": PAGED_ID, "why": "not offered now"})]
+    assert core.counts["page_served"] == core.counts["chunk_served"] == 0
+    assert [r["code"] for r in core.refusals] == ["not_offered"] * 4
+
+
+@pytest.mark.parametrize("op, i", [("page", 3), ("page", mf.PAGES_MAX - 1), ("chunk", PAGED_CHUNKS),
+                                   ("chunk", mf.PAGED_CHUNKS_MAX - 1)])
+def test_core_refuses_an_index_past_the_release(core, op, i):
+    assert ask(core, op, i=i) == [("error", {"why": "bad_index", "ref": ""})]
+    assert core.counts[op + "_served"] == 0 and core.refused_by_code == {"bad_index": 1}
+
+
+def page_request(**change):
+    fields = {"v": 1, "op": "page", "ref": PAGED_ID, "i": 0}
+    fields.update(change)
+    return cbor.dumps({k: v for k, v in fields.items() if v is not None})
+
+
+@pytest.mark.parametrize("payload, code", [
+    (page_request(i=mf.PAGES_MAX), "bad_field"),
+    (page_request(i=-1), "bad_field"),
+    (page_request(i="0"), "bad_field"),
+    (page_request(i=True), "bad_field"),
+    (page_request(i=0.0), "bad_field"),
+    (page_request(ref=""), "bad_field"),
+    (page_request(data=b""), "unknown_field"),
+    (page_request(i=None), "missing_field"),
+])
+def test_core_refuses_malformed_page_requests(core, payload, code):
+    out = sent(core.on_message("t/%s/ota" % ME, payload, now_ms()))
+    assert out == [("error", {"why": code, "ref": ""})]
+    assert core.counts["page_served"] == 0 and core.refused_by_code == {code: 1}
+
+
 # ---------------------------------------------------------------- the format, fuzzed
 
 _DB = tempfile.mkdtemp(prefix="tether-ota-fuzz-")
@@ -238,7 +381,7 @@ _scalars = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 63, 2 ** 64 - 1
                      st.binary(max_size=80), st.floats(allow_nan=False))
 _near_valid = st.fixed_dictionaries(
     {"v": st.sampled_from([1, 1, 1, 0, 2, "1"]),
-     "op": st.sampled_from(["hello", "report", "chunk", "offer", "nope", 7])},
+     "op": st.sampled_from(["hello", "report", "chunk", "page", "offer", "nope", 7])},
     optional={"hw": st.one_of(st.just(HW), _scalars), "ver": st.one_of(st.just("1.0.0"), _scalars),
               "site": st.one_of(st.just("site-0"), _scalars),
               "st": st.one_of(st.sampled_from(rp.REPORTS), _scalars), "why": _scalars,
@@ -279,7 +422,7 @@ def test_device_side_parse_accepts_or_refuses_with_a_code(payload):
 def test_messages_round_trip_and_are_deterministic():
     for op, fields in (("hello", {"hw": HW, "ver": "1.0.0", "site": "site-1"}),
                        ("report", {"st": "trial", "why": "", "seq": 3, "ref": GOOD}),
-                       ("chunk", {"ref": GOOD, "i": 2})):
+                       ("chunk", {"ref": GOOD, "i": 2}), ("page", {"ref": GOOD, "i": 1})):
         data = ota.encode(op, **fields)
         assert ota.parse(data, wire.UP, wire.UP_BYTES_MAX) == (op, fields)
         assert data == ota.encode(op, **dict(reversed(list(fields.items()))))

@@ -182,7 +182,8 @@ def build(image_bytes):
     namespace = {}
     exec(IMAGE, namespace)
     payload = b"".join(bytes(c) for c in namespace["image_chunks"](image_bytes // CHUNK))
-    manifest = firmware.build_manifest(payload, "sim-v1", "2.0.0", 2, ff.EXPIRES_AT, "mpy")
+    manifest = firmware.build_manifest(payload, "sim-v1", "2.0.0", 2, ff.EXPIRES_AT, "mpy",
+                                       pages=image_bytes > mf.INLINE_SIZE_MAX)
     keys_dir = os.path.join(ff.IMAGES, "keys")
     keys = [firmware.load_private_key(os.path.join(keys_dir, n + ".key")) for n in ff.SIGNERS]
     keyset = firmware.read_file(os.path.join(ff.IMAGES, "keyset-v2.cose"), "key set")
