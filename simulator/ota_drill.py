@@ -6,13 +6,15 @@ its own flash, speaking to the cloud's OTA service (cloud/ota_service.py)
 over its own mTLS connection. Then, after the telemetry phases:
 
 1. attacks offered through the real transport, each on its own device:
-   a tampered chunk, a downgrade, the wrong hardware class, an expired
+   a tampered chunk, a tampered page of chunk hashes (the good release's
+   manifest is paged), a downgrade, the wrong hardware class, an expired
    manifest, an unknown signer. Each must be rejected by the device,
    reported with its reason, and leave the device on its image;
 2. a bad release (a share of devices crash on boot) in a staged rollout
    that must halt in its canary, with every device that took it back on
    the factory version (by its own rollback or the rollback campaign);
-3. a good release that reaches every device, with a network cut while
+3. a good release (a paged manifest: each device fetches its page of chunk
+   hashes before the chunks) that reaches every device, with a network cut while
    downloads are in flight: they resume from their cursor;
 4. a power cut at every write of an update, in process on the sim board
    (SimFlash), healthy and crashing images: 0 bricks.
@@ -45,6 +47,7 @@ HW = "sim-v1"
 FACTORY, BAD, GOOD = "1.0.0", "1.1.0", "1.2.0"
 BAD_CRASH_SHARE = 0.6
 IMAGE_BYTES = 5 * mf.CHUNK_BYTES - 700     # five chunks, the last one short
+ATTACKS = 6                                # firmware attacks, one victim each
 TRIAL_ACKS_MIN = 3
 TRIAL_MS_MAX = 20000
 SILENCE_S = 40                             # > the trial, plus a reconnect
@@ -62,7 +65,10 @@ def build_firmware(seed):
     releases = {}
     bundles = {}
     for version, faults in ((FACTORY, {}), (BAD, {ff.CRASH_ON_BOOT: BAD_CRASH_SHARE}), (GOOD, {})):
-        bundle, payload = ff.build_release(HW, version, 1, size=IMAGE_BYTES)
+        # The good release's manifest is paged (as the tool makes any image
+        # over 512 KiB): the fleet fetches a page of chunk hashes before its
+        # chunks, and the drill runs both manifest forms.
+        bundle, payload = ff.build_release(HW, version, 1, size=IMAGE_BYTES, pages=version == GOOD)
         releases[version] = (payload, 1, ff.FaultProfile.from_dict(faults))
         bundles[version] = bundle
     config = up.Config(HW, ff.root_public_key(), k=2, trial_acks_min=TRIAL_ACKS_MIN, trial_ms_max=TRIAL_MS_MAX)
@@ -109,8 +115,8 @@ class OtaDrill:
                 engine.add_release(self.bundles[version], self.firmware.releases[version][0], PEOPLE[0], now)
             await self._wait(lambda: self._all_online(engine), 45, "every device online")
             self._sample()
-            self.say("firmware: %d devices said hello with their version; 5 attacks offered through the broker"
-                     % len(engine.devices()))
+            self.say("firmware: %d devices said hello with their version; %d attacks offered through the broker"
+                     % (len(engine.devices()), ATTACKS))
             await self._attacks(service)
             self.say("firmware: %d of %d attacks refused by the devices" % (
                 sum(a["refused"] for a in self.attacks), len(self.attacks)))
@@ -132,9 +138,10 @@ class OtaDrill:
             "%s %.1f-%.1f s" % (label, a, b) for a, b, label in self.marks)))
         return self.result
 
-    def _downloading(self, device, ref):
+    def _waiting(self, device, ref, state):
+        """The device's download of ref waits for a chunk (DOWNLOADING) or a page (PAGING)."""
         u = self.devices[device].updater
-        return u is not None and u.state == up.DOWNLOADING and u.boot.ref == ref
+        return u is not None and u.state == state and u.boot.ref == ref
 
     async def _wait(self, predicate, timeout_s, what):
         deadline = time.monotonic() + timeout_s
@@ -169,12 +176,16 @@ class OtaDrill:
     # -- attacks ---------------------------------------------------------------------
 
     async def _attacks(self, service):
-        victims = [d for d in sorted(self.devices) if self.devices[d].state() in (up.IDLE,)][-5:]
+        victims = [d for d in sorted(self.devices) if self.devices[d].state() in (up.IDLE,)][-ATTACKS:]
         now_s = int(time.time())
         good_bundle, good_payload = self.bundles[GOOD], self.firmware.releases[GOOD][0]
         tampered = bytes([good_payload[0] ^ 1]) + good_payload[1:mf.CHUNK_BYTES]
+        page = firmware.chunk_table(good_payload)[:mf.PAGE_BYTES]     # the good release is paged
+        forged_page = bytes([page[0] ^ 1]) + page[1:]
         plans = [
-            ("tampered chunk", "tampered_chunk", good_bundle, [("chunk", 0, tampered)]),
+            # The genuine page first, then a chunk with one bit flipped.
+            ("tampered chunk", "tampered_chunk", good_bundle, [("page", 0, page), ("chunk", 0, tampered)]),
+            ("tampered page", "tampered_page", good_bundle, [("page", 0, forged_page)]),
             ("downgrade", "downgrade", ff.build_release(HW, "0.9.0", 0, size=IMAGE_BYTES)[0], []),
             ("wrong hardware class", "wrong_hw_class", ff.build_release("sim-v9", GOOD, 1, size=IMAGE_BYTES)[0], []),
             ("expired manifest", "expired",
@@ -186,10 +197,12 @@ class OtaDrill:
             ref = "attack-%s" % code.replace("_", "-")
             before = self.devices[victim].running_version()
             service.push(victim, encode("offer", ref=ref, bundle=bundle))
-            if extra:      # injected as the answer to the device's request, once it verified the offer
-                await self._wait(lambda v=victim, r=ref: self._downloading(v, r), 20, "the attacked download")
-            for _, index, data in extra:
-                service.push(victim, encode("chunk", ref=ref, i=index, data=data))
+            for op, index, data in extra:
+                # injected as the answer to the device's request, once it verified the offer
+                want = up.PAGING if op == "page" else up.DOWNLOADING
+                await self._wait(lambda v=victim, r=ref, w=want: self._waiting(v, r, w), 20,
+                                 "the attacked download")
+                service.push(victim, encode(op, ref=ref, i=index, data=data))
             self.attacks.append({"attack": name, "device": victim, "ref": ref, "expect": code, "before": before})
         core = service.core
 
@@ -233,7 +246,7 @@ class OtaDrill:
         return rid
 
     def _quiet(self):
-        busy = (up.DOWNLOADING, up.CHECKING, up.VERIFIED, up.INSTALLED, up.TRIAL, up.REBOOTING, "off", "silent")
+        busy = (up.DOWNLOADING, up.PAGING, up.RESUMING, up.CHECKING, up.VERIFIED, up.INSTALLED, up.TRIAL, up.REBOOTING, "off", "silent")
         return not any(d.state() in busy for d in self.devices.values())
 
     def _chunk_written(self, device, index):
@@ -314,15 +327,17 @@ class OtaDrill:
                   "by the rollback campaign; %d left on %s" % (
                       d["bad_took"], d["bad_rolled_back_by_device"],
                       d["bad_took"] - d["bad_rolled_back_by_device"], len(d["bad_left_on_it"]), BAD)),
-            Check("good release reached the whole fleet", ro["good_release_coverage_pct"] == 100.0
-                  and d["good_rollout"]["state"] == rp.COMPLETED,
-                  "%s; %d of %d devices run %s" % (d["good_rollout"]["state"], d["on_good"], len(self.devices),
-                                                   GOOD)),
+            Check("good release (a paged manifest) reached the whole fleet", ro["good_release_coverage_pct"] == 100.0
+                  and d["good_rollout"]["state"] == rp.COMPLETED
+                  and d["core_counts"]["page_served"] >= d["on_good"],
+                  "%s; %d of %d devices run %s; %d pages of chunk hashes served"
+                  % (d["good_rollout"]["state"], d["on_good"], len(self.devices), GOOD,
+                     d["core_counts"]["page_served"])),
             Check("0 bricked (fleet, and a power cut at every write of an update)", ota["bricked"] == 0,
                   "%d bricked; power cut at each of %d writes (%d runs, healthy and crashing images)"
                   % (ota["bricked"], self.sweep["points"], self.sweep["runs"])),
             Check("every firmware attack refused by the device and reported with its reason",
-                  ota["attacks_tried"] == 5 and not missed,
+                  ota["attacks_tried"] == ATTACKS and not missed,
                   "%d of %d refused: %s%s" % (ota["attacks_refused"], ota["attacks_tried"],
                                               ", ".join("%s -> %s" % (a["attack"], a["reason"])
                                                         for a in self.attacks),
@@ -420,7 +435,7 @@ def _boot_and_update(fw, slots, bundle, payload, healthy, now, offers):
     todo = u.handle(up.Booted(slot, blob))
     for _ in range(500):
         if not todo:
-            if u.state in (up.IDLE, up.DOWNLOADING) and offers < 8:   # the cloud offers (again)
+            if u.state in (up.IDLE, up.DOWNLOADING, up.PAGING) and offers < 8:   # the cloud offers (again)
                 offers += 1
                 todo = u.handle(up.Offer(bundle, now, "sweep"))
             elif u.state == up.TRIAL:
@@ -437,6 +452,9 @@ def _boot_and_update(fw, slots, bundle, payload, healthy, now, offers):
         elif isinstance(a, up.RequestChunk):
             data = payload[a.index * mf.CHUNK_BYTES:(a.index + 1) * mf.CHUNK_BYTES]
             todo = u.handle(up.Chunk(a.index, data)) + todo
+        elif isinstance(a, up.RequestPage):
+            data = firmware.chunk_table(payload)[a.index * mf.PAGE_BYTES:(a.index + 1) * mf.PAGE_BYTES]
+            todo = u.handle(up.Page(a.index, data)) + todo
         elif isinstance(a, up.ReadSlot):
             todo = u.handle(up.SlotRead(a.offset, slots.read_slot(a.slot, a.offset, a.length))) + todo
         elif isinstance(a, up.StepLater):

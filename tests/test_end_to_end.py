@@ -60,7 +60,7 @@ async def test_demo_survives_network_cut_and_broker_restart(tmp_path, broker):
                         "attacks_tried", "attacks_refused", "resumed_downloads"}
     assert set(ro) == {"bad_release_halted", "bad_release_fleet_touched_pct", "good_release_coverage_pct",
                        "bricked", "halt_incidents"}
-    assert ota["attacks_tried"] == ota["attacks_refused"] == 5 and ota["rejected"] >= 5
+    assert ota["attacks_tried"] == ota["attacks_refused"] == 6 and ota["rejected"] >= 6
     assert ota["bricked"] == ro["bricked"] == 0 and ota["power_cut_points"] >= 20
     assert ota["resumed_downloads"] > 0 and ota["updated"] >= 24 and ota["rolled_back"] >= 1
     assert ro["bad_release_halted"] and ro["halt_incidents"] == 1
