@@ -6,9 +6,10 @@ the same interface the sim and linux boards give (docs/design.md).
 
 Elsewhere: the A/B slots over esp32.Partition (board/esp32_slots.py), the
 keystore (board/esp32_keystore.py), the console's UART driver
-(board/esp32_console.py). Not written yet: the network driver (asyncio +
-ssl + agent.mqtt on the device). Nothing in this module touches hardware at
-import time.
+(board/esp32_console.py), the network driver and the agent's loop
+(board/esp32_net.py: MQTT over TLS with agent.mqtt, polled;
+board/esp32_agent.py). Nothing in this module touches hardware at import
+time.
 
 Storage needs LittleFS (MicroPython's default on ESP32): a rename there
 replaces the target atomically, so write_atomic is all-or-nothing. On FAT

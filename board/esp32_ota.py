@@ -5,8 +5,8 @@ The protocol half (hello, outbox, down messages, the updater's actions) is
 the shared agent/ota_link.py; this file is the board's part: the
 transport, the step flag, the reset once the last report's PUBACK came.
 
-The board's network driver (MQTT over TLS; not written yet, so `transport`
-is the integration point) calls:
+The board's network driver (board/esp32_agent.py over board/esp32_net.py,
+MQTT over TLS; its MqttLink is the `transport`) calls:
 
 - boot() once at start, after the bootloader chose the slot;
 - connected() after each accepted CONNECT, once subscribed (QoS 1) to

@@ -311,6 +311,18 @@ def broker_kind(request):
 
 
 @pytest.fixture
+async def any_cloud(broker_kind, tmp_path):
+    """The reference cloud (cloud/service.py) on each broker in turn."""
+    from cloud.service import Cloud
+    c = Cloud(tmp_path / "cloud", broker=broker_kind)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+@pytest.fixture
 def pki(tmp_path):
     return Pki(tmp_path / "pki")
 

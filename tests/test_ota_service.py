@@ -33,13 +33,12 @@ from cloud import ota_service as ota
 from cloud import rollout_plan as rp
 from cloud.rollout import Engine, Policy
 from cloud.rollout_release import release_id
-from cloud.service import Cloud
 from simulator import firmware_faults as ff
 from simulator import ota_drill
 from simulator.fleet import Fleet
 from simulator.ota_device import OtaDevice
 
-from brokers import Device, require_kind, wait_until
+from brokers import Device, any_cloud, broker_kind, wait_until  # noqa: F401 (fixtures)
 
 HW = ota_drill.HW
 GOOD = release_id(HW, ota_drill.GOOD)
@@ -53,11 +52,11 @@ def now_ms():
     return time.time_ns() // 1_000_000
 
 
-@pytest.fixture(params=["embedded", "mosquitto"])
-async def cloud(tmp_path, request):
-    require_kind(request.param)
-    c = Cloud(tmp_path / "cloud", broker=request.param)
-    await c.start()
+@pytest.fixture
+async def cloud(any_cloud):
+    """The cloud on each broker, with the drill's releases added and trusted
+    (c.fw, c.bundles) and the operator's engine (c.ops)."""
+    c = any_cloud
     c.fw, c.bundles = ota_drill.build_firmware(seed=1)
     c.ops = Engine(os.path.join(c.data_dir, "rollouts.db"), Policy())   # the operator's side, like the CLI
     c.ops.set_trust(ff.root_public_key(), 2, [HW], PEOPLE[0], now_ms())
@@ -65,7 +64,6 @@ async def cloud(tmp_path, request):
         c.ops.add_release(c.bundles[version], c.fw.releases[version][0], PEOPLE[0], now_ms())
     yield c
     c.ops.close()
-    await c.stop()
 
 
 def start_rollout(cloud, plan=PLAN):

@@ -1,0 +1,129 @@
+"""The agent on an ESP32 under MicroPython: the telemetry core on the flash
+filesystem, its MQTT connection (board/esp32_net.py) and, when given,
+firmware updates (board/esp32_ota.py) over the same connection. One loop,
+no threads: each pass polls the network, hands the core what happened and
+lets the update driver do one bounded piece of work.
+
+    agent = Esp32Agent("acme", "dev-1", FlashStorage("/data"), Clock(), Rng(),
+                       lambda: open_tls(HOST, 8883, tls_context(ca, cert, key)), ota=ota)
+    agent.boot()
+    agent.run(read_sensors, sample_ms=10000)     # or call step() and sample() yourself
+
+On a board the modules are frozen into the firmware and main.py builds the
+agent; the board's reset (machine.reset) is the update driver's. The
+identity core (rotation before expiry, board/linux_identity.py on Linux)
+does not run here yet: the certificate and key loaded into the TLS context
+are the ones used.
+"""
+
+import time
+
+from agent import cbor, events, telemetry
+from agent.actions import Append, Connect, Log, Publish, WriteAtomic
+from board.esp32_net import MqttLink
+
+IDLE_SLEEP_MS = 20            # a pass with nothing pending waits this long
+
+
+class Esp32Agent:
+    def __init__(self, tenant, device, storage, clock, rng, opener, config=None, codec=None,
+                 ota=None, log=None):
+        """storage: board.esp32.FlashStorage; clock: now_ms() and ticks_ms();
+        opener(): a stream to the broker (board.esp32_net.open_tls);
+        ota: a board.esp32_ota.Esp32Ota whose transport is this agent's
+        link (build it with transport=None and the agent sets it), or None."""
+        self.identity = "%s/%s" % (tenant, device)
+        self.storage = storage
+        self.clock = clock
+        self.log = log or _print
+        self.core = telemetry.Telemetry(tenant, device, codec or cbor, rng, config)
+        self.ota = ota
+        subscriptions = [ota.down_topic] if ota is not None else []
+        self.link = MqttLink(self.identity, subscriptions, opener, clock.ticks_ms, log=self.log)
+        if ota is not None:
+            ota.transport = self.link
+        self.acked = 0            # telemetry records acknowledged since this boot (the trial's)
+        self.lost = 0             # connections that went down
+
+    def boot(self):
+        if self.ota is not None:
+            self.ota.boot()
+        self.execute(self.core.boot(self.storage.read("state"), self.storage.read("queue")))
+
+    def sample(self, readings):
+        self.feed(events.Sample(self.clock.now_ms(), readings))
+
+    def feed(self, event):
+        self.execute(self.core.handle(event))
+
+    def step(self):
+        """One pass: the core's clock, the network, then the update driver."""
+        self.feed(events.Tick(self.clock.now_ms()))
+        for what in self.link.poll():
+            kind = what[0]
+            if kind == "up":
+                self.feed(events.Connected(self.clock.now_ms()))
+                if self.ota is not None:
+                    self.ota.connected()
+            elif kind == "message":
+                if self.ota is not None and what[1] == self.ota.down_topic:
+                    self.ota.on_message(what[2])
+            elif kind == "acked":
+                if what[1] is not None:           # a telemetry record's (update reports carry None)
+                    self.acked += 1
+                    self.feed(events.PubAcked(what[1]))
+            elif kind == "down":
+                self.lost += 1
+                self.log("link down: %s" % what[1])
+                if self.core.state != telemetry.OFFLINE:
+                    self.feed(events.ConnectionLost(self.clock.now_ms(), what[1]))
+        if self.ota is not None:
+            self.ota.poll(self.acked)
+
+    def busy(self):
+        """Work waits (a signature step, slot reads): the loop should not sleep."""
+        return self.ota is not None and self.ota.busy()
+
+    def run(self, read_sensors, sample_ms, passes=None):
+        """The board's loop: a sample every sample_ms, step() every pass.
+        passes: stop after that many (None: for ever)."""
+        next_sample = self.clock.ticks_ms()
+        n = 0
+        while passes is None or n < passes:
+            n += 1
+            now = self.clock.ticks_ms()
+            if _ticks_diff(now, next_sample) >= 0:
+                self.sample(read_sensors())
+                next_sample = now + sample_ms
+            self.step()
+            if not self.busy():
+                _sleep_ms(IDLE_SLEEP_MS)
+
+    def execute(self, actions):
+        for action in actions:
+            if isinstance(action, Publish):
+                # Not up: the ConnectionLost is on its way and the core resends.
+                self.link.publish(action.topic, action.payload, action.token)
+            elif isinstance(action, Append):
+                self.storage.append(action.name, action.data)
+            elif isinstance(action, WriteAtomic):
+                self.storage.write_atomic(action.name, action.data)
+            elif isinstance(action, Connect):
+                self.link.open()
+            elif isinstance(action, Log):
+                self.log("%s: %s" % (action.code, action.detail))
+
+
+def _print(text):
+    print("tether:", text)
+
+
+try:
+    _ticks_diff = time.ticks_diff
+    _sleep_ms = time.sleep_ms
+except AttributeError:        # CPython (the tests)
+    def _ticks_diff(a, b):
+        return a - b
+
+    def _sleep_ms(ms):
+        time.sleep(ms / 1000)

@@ -1,0 +1,315 @@
+"""The ESP32's network driver under MicroPython: one MQTT 3.1.1 connection
+over TLS with the device's certificate (mTLS), polled from the board's
+loop. agent/mqtt.py encodes and parses the packets; this module owns the
+socket, the session's timers and the packet ids. No asyncio and no thread:
+the loop calls poll() each pass and gets back what happened.
+
+    link = MqttLink(identity, [down_topic], opener, clock.ticks_ms)
+    link.open()                       # TCP + TLS handshake + CONNECT (blocks for the handshake)
+    for what in link.poll():          # each pass: ("up",), ("message", topic, payload),
+        ...                           # ("acked", token), ("down", reason, refused)
+    pid = link.publish(topic, payload, token)    # QoS 1; None while not up
+
+It is "up" once the broker accepted the CONNECT and every subscription
+(QoS 1): board/esp32_ota.py's connected() may run then. Every QoS 1
+PUBLISH from the broker is acknowledged at once. The link goes "down" (and
+says why, once) on a TLS or socket error, end of stream, a malformed packet,
+a refused CONNECT or subscription, no CONNACK/SUBACK within
+CONNECT_TIMEOUT_MS, no PINGRESP within the keepalive, or no PUBACK within
+ACK_TIMEOUT_MS; nothing is retried here: the telemetry core's backoff says
+when to open again, and its queue resends what was not acknowledged.
+"refused" in the down event is the CONNACK refusal ("not_authorized"), or
+None: the identity core tells refusals from losses by it.
+
+open_tls(host, port, ctx) makes the stream on MicroPython (socket + tls,
+DER credentials: tls_context) and on CPython (socket + ssl, the tests run
+this driver against the real brokers that way): both have read(n) that
+gives None or raises a would-block error when nothing is there, and b""
+at the end of the stream.
+"""
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+import time
+
+from agent import mqtt
+from agent.errors import MQTTError
+
+CONNECT_TIMEOUT_MS = const(10000)     # for the CONNACK and the SUBACK
+ACK_TIMEOUT_MS = const(15000)         # for a PUBACK, past it the link is taken for dead
+KEEPALIVE_S = const(60)
+READ_BYTES = const(2048)              # per read; a pass reads until nothing is left
+READS_PER_POLL_MAX = const(64)        # ... at most this many (128 KiB), then the loop goes on
+PACKET_BYTES_MAX = const(16384)       # an offer's bundle and a 4 KiB chunk fit (docs/ota.md)
+SEND_TIMEOUT_S = const(10)
+_SUBSCRIBE_ID = const(1)
+
+try:
+    ticks_diff = time.ticks_diff
+except AttributeError:                # CPython: ticks that do not wrap
+    def ticks_diff(a, b):
+        return a - b
+
+
+class MqttLink:
+    def __init__(self, client_id, subscriptions, opener, ticks_ms, keepalive_s=KEEPALIVE_S,
+                 packet_bytes_max=PACKET_BYTES_MAX, log=None):
+        """client_id: "tenant/device" (the broker checks it against the
+        certificate); subscriptions: topic filters, each at QoS 1;
+        opener(): a new stream (open_tls with the board's host, port and TLS
+        context), or raises OSError; ticks_ms: a monotonic clock."""
+        self.client_id = client_id
+        self.subscriptions = list(subscriptions)
+        self.opener = opener
+        self.ticks_ms = ticks_ms
+        self.keepalive_s = keepalive_s
+        self.packet_bytes_max = packet_bytes_max
+        self.log = log or _no_log
+        self.state = "down"           # "connecting" (CONNACK, then SUBACK, awaited), "up"
+        self.accepted = False
+        self.stream = None
+        self.parser = None
+        self.inflight = {}            # packet id -> (token, ticks sent)
+        self.next_pid = 2             # 1 is the SUBSCRIBE's
+        self.opened_ms = 0
+        self.wrote_ms = 0             # the keepalive counts from the last packet sent
+        self.ping_ms = None           # a PINGREQ waiting for its PINGRESP, since
+        self.events = []
+
+    # -- what the board calls ------------------------------------------------------
+
+    def open(self):
+        """Connect: TCP, the TLS handshake (blocking), CONNECT. A failure is
+        a ("down", reason, None) event at the next poll()."""
+        if self.state != "down":
+            return
+        try:
+            self.stream = self.opener()
+        except OSError as e:              # ssl.SSLError too (CPython): a subclass
+            self.stream = None
+            self.events.append(("down", "connect failed: %s" % _describe(e), None))
+            return
+        self.parser = mqtt.Parser(self.packet_bytes_max)
+        self.state = "connecting"
+        self.accepted = False         # the CONNACK came (then the SUBACK is awaited)
+        self.opened_ms = self.ticks_ms()
+        self.ping_ms = None
+        self._send(mqtt.connect(self.client_id, self.keepalive_s, clean_session=True))
+
+    def poll(self):
+        """Read what arrived, run the timers; the events since the last poll."""
+        if self.stream is not None:
+            self._read()
+        if self.stream is not None:
+            self._timers()
+        events, self.events = self.events, []
+        return events
+
+    def publish(self, topic, payload, token=None):
+        """QoS 1 -> its packet id (the handle), or None when not up. An
+        ("acked", token) event follows the PUBACK."""
+        if self.state != "up":
+            return None
+        pid = self.next_pid
+        self.next_pid = pid % 65535 + 1
+        if self.next_pid == _SUBSCRIBE_ID:
+            self.next_pid = 2
+        self.inflight[pid] = (token, self.ticks_ms())
+        self._send(mqtt.publish(topic, payload, 1, pid))
+        return pid if self.stream is not None else None
+
+    def delivered(self, pid):
+        """True once the PUBACK of packet `pid` came (board/esp32_ota.py's transport)."""
+        return pid is not None and pid not in self.inflight and self.state == "up"
+
+    def close(self, reason="closed by the board", refused=None):
+        if self.stream is None:
+            return
+        stream, self.stream = self.stream, None
+        try:
+            if self.state == "up":
+                stream.send(mqtt.disconnect())
+        except OSError:
+            pass
+        try:
+            stream.close()
+        except OSError:
+            pass
+        self.state = "down"
+        self.inflight = {}
+        self.parser = None
+        self.events.append(("down", reason, refused))
+
+    # -- inside ---------------------------------------------------------------------
+
+    def _send(self, data):
+        try:
+            self.stream.send(data)
+            self.wrote_ms = self.ticks_ms()
+        except OSError as e:
+            self.close("write failed: %s" % _describe(e))
+
+    def _read(self):
+        for _ in range(READS_PER_POLL_MAX):
+            try:
+                data = self.stream.recv(READ_BYTES)
+            except OSError as e:
+                self.close("read failed: %s" % _describe(e))
+                return
+            if data is None:
+                return                   # nothing more for now
+            if not data:
+                self.close("closed by the broker")
+                return
+            try:
+                packets = self.parser.feed(data)
+            except MQTTError as e:
+                self.close("bad packet: %s" % e)
+                return
+            for packet in packets:
+                self._packet(packet)
+                if self.stream is None:
+                    return
+
+    def _packet(self, p):
+        if isinstance(p, mqtt.ConnAck):
+            if self.state != "connecting" or self.accepted:
+                self.close("a CONNACK out of turn")
+            elif p.return_code != 0:
+                reason = mqtt.connack_reason(p.return_code)
+                self.close("refused: %s" % reason, reason)
+            elif self.subscriptions:
+                self.accepted = True
+                self._send(mqtt.subscribe(_SUBSCRIBE_ID, [(f, 1) for f in self.subscriptions]))
+            else:
+                self._up()
+        elif isinstance(p, mqtt.SubAck):
+            if self.state != "connecting" or not self.accepted or p.packet_id != _SUBSCRIBE_ID:
+                self.close("a SUBACK out of turn")
+            elif mqtt.SUBACK_FAILURE in p.return_codes:
+                self.close("subscription refused")
+            else:
+                self._up()
+        elif isinstance(p, mqtt.Publish):
+            if self.state != "up":
+                self.close("a PUBLISH before the session was up")
+                return
+            if p.packet_id is not None:
+                self._send(mqtt.puback(p.packet_id))
+            self.events.append(("message", p.topic, p.payload))
+        elif isinstance(p, mqtt.PubAck):
+            sent = self.inflight.pop(p.packet_id, None)
+            if sent is not None:
+                self.events.append(("acked", sent[0]))
+        elif isinstance(p, mqtt.PingResp):
+            self.ping_ms = None
+        # UNSUBACK: never asked for; ignored
+
+    def _up(self):
+        self.state = "up"
+        self.events.append(("up",))
+
+    def _timers(self):
+        now = self.ticks_ms()
+        if self.state == "connecting":
+            if ticks_diff(now, self.opened_ms) >= CONNECT_TIMEOUT_MS:
+                self.close("no CONNACK or SUBACK in %d ms" % CONNECT_TIMEOUT_MS)
+            return
+        if self.ping_ms is not None and ticks_diff(now, self.ping_ms) >= self.keepalive_s * 1000:
+            self.close("no PINGRESP in %d s" % self.keepalive_s)
+            return
+        for token, sent_ms in self.inflight.values():
+            if ticks_diff(now, sent_ms) >= ACK_TIMEOUT_MS:
+                self.close("no PUBACK in %d ms" % ACK_TIMEOUT_MS)
+                return
+        if self.ping_ms is None and ticks_diff(now, self.wrote_ms) >= self.keepalive_s * 500:
+            self.ping_ms = now
+            self._send(mqtt.pingreq())
+
+
+def _no_log(text):
+    pass
+
+
+def _describe(error):
+    return "%s %s" % (type(error).__name__, error)
+
+
+# ---------------------------------------------------------------- the stream
+
+class Stream:
+    """A TLS socket: send() whole and blocking, recv() without waiting."""
+
+    def __init__(self, sock, raw):
+        self.sock = sock
+        self.raw = raw                 # the TCP socket under it (closed with it)
+        sock.setblocking(False)
+
+    def send(self, data):
+        if hasattr(self.sock, "settimeout"):
+            self.sock.settimeout(SEND_TIMEOUT_S)  # blocking, but not for ever
+        else:
+            self.sock.setblocking(True)
+        try:
+            view = memoryview(data)
+            while view:
+                n = self.sock.write(view)
+                if n is None:          # MicroPython: nothing written yet
+                    continue
+                view = view[n:]
+        finally:
+            self.sock.setblocking(False)
+
+    def recv(self, n):
+        """bytes; None when nothing is there yet; b"" at the end of the stream."""
+        try:
+            return self.sock.read(n)
+        except OSError as e:
+            if _would_block(e):
+                return None
+            raise
+
+    def close(self):
+        try:
+            self.sock.close()
+        finally:
+            self.raw.close()
+
+
+def _would_block(error):
+    name = type(error).__name__
+    if name in ("SSLWantReadError", "SSLWantWriteError", "BlockingIOError"):
+        return True
+    return error.args and error.args[0] in (11, 115, -26880, -26752)   # EAGAIN, EINPROGRESS, mbedTLS WANT_READ/WRITE
+
+
+def open_tls(host, port, ctx, timeout_s=10):
+    """A Stream to host:port through TLS context ctx (the device's
+    certificate and key loaded, the cloud's CA to verify the broker)."""
+    import socket
+    addr = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0][-1]
+    raw = socket.socket()
+    try:
+        raw.settimeout(timeout_s)
+        raw.connect(addr)
+        sock = ctx.wrap_socket(raw, server_hostname=host)
+    except BaseException:
+        raw.close()
+        raise
+    return Stream(sock, raw)
+
+
+def tls_context(ca_der, cert_der, key_der):
+    """MicroPython (1.23 and later): a client context with the device's
+    certificate and key (DER, board/esp32_keystore.py tls_key_der) that
+    verifies the broker against the cloud's CA."""
+    import tls
+    ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
+    ctx.load_cert_chain(cert_der, key_der)
+    ctx.load_verify_locations(cadata=ca_der)
+    ctx.verify_mode = tls.CERT_REQUIRED
+    return ctx
