@@ -77,12 +77,18 @@ def run(agent, until, seconds, sample_every_s=None, n=None):
 
 # ---------------------------------------------------------------- telemetry
 
-async def test_telemetry_delivered_and_through_a_dead_connection(any_cloud, tmp_path):
-    cloud = any_cloud
-    cred = cloud.issue_device("acme", "esp-1")
-    agent = Esp32Agent("acme", "esp-1", FlashStorage(str(tmp_path / "flash")), SystemClock(), SystemRng(),
+def booted_agent(cloud, device, tmp_path):
+    """A new device of tenant acme with its certificate, its flash in tmp_path."""
+    cred = cloud.issue_device("acme", device)
+    agent = Esp32Agent("acme", device, FlashStorage(str(tmp_path / "flash")), SystemClock(), SystemRng(),
                        opener(cloud, cred), config=CONFIG, log=lambda text: None)
     agent.boot()
+    return agent
+
+
+async def test_telemetry_delivered_and_through_a_dead_connection(any_cloud, tmp_path):
+    cloud = any_cloud
+    agent = booted_agent(cloud, "esp-1", tmp_path)
     n = [0]
     online = lambda: agent.core.state == telemetry.ONLINE and agent.link.state == "up"  # noqa: E731
     assert await asyncio.to_thread(run, agent, online, 15)
@@ -104,10 +110,7 @@ async def test_telemetry_delivered_and_through_a_dead_connection(any_cloud, tmp_
 
 async def test_a_revoked_device_is_refused_and_keeps_its_records(any_cloud, tmp_path):
     cloud = any_cloud
-    cred = cloud.issue_device("acme", "esp-2")
-    agent = Esp32Agent("acme", "esp-2", FlashStorage(str(tmp_path / "flash")), SystemClock(), SystemRng(),
-                       opener(cloud, cred), config=CONFIG, log=lambda text: None)
-    agent.boot()
+    agent = booted_agent(cloud, "esp-2", tmp_path)
     assert await asyncio.to_thread(run, agent, lambda: agent.link.state == "up", 15)
     cloud.registry.revoke("acme/esp-2", "stolen", "secops")
     await cloud.enforce_revocations()
