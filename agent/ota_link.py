@@ -98,7 +98,9 @@ class OtaLink:
 
     def request_page(self, ref, index):
         """Ask for page `index` of release `ref`'s chunk hashes (a paged
-        manifest): over MQTT, like a chunk, never kept while offline."""
+        manifest): over MQTT, unless the board fetches it another way
+        (board/linux_ota.py: HTTPS ranges) and feeds Page itself; like a
+        chunk request, never kept while offline."""
         self.send(encode("page", ref=ref, i=index), keep=False)
 
     def wrote(self, slot, offset):

@@ -15,8 +15,8 @@ LinuxAgent owns one LinuxOta when it is given one, and calls it:
 - on_message(payload) for each message on the update topic;
 - step(acked) once per pass of its loop, after the network: the hello
   repeated until welcomed, one Step of an offer's verification, one chunk
-  fetched over HTTPS when the board is given `ranges` (docs/ota.md), the
-  trial's health, and the reboot once the last report is acknowledged.
+  or page fetched over HTTPS when the board is given `ranges` (docs/ota.md),
+  the trial's health, and the reboot once the last report is acknowledged.
 
 The reboot contract: `reboot()` is called once, when the updater asked for
 a reboot and its last report was acknowledged (or REBOOT_WAIT_MS passed).
@@ -47,6 +47,23 @@ REBOOT_COMMAND = ("systemctl", "reboot")
 REBOOT_TIMEOUT_S = 60
 
 
+class _Fetch:
+    """How one kind of request is fetched over HTTPS: the state the updater
+    waits for it in, the resource of the release (board/https_ranges.py),
+    bytes per index (the last one may be shorter), the event it is fed as,
+    and the MQTT request to fall back to."""
+
+    def __init__(self, state, resource, piece_bytes, event, over_mqtt):
+        self.state, self.resource, self.piece_bytes = state, resource, piece_bytes
+        self.event, self.over_mqtt = event, over_mqtt
+
+
+FETCHES = {
+    "chunk": _Fetch(up.DOWNLOADING, "payload", mf.CHUNK_BYTES, up.Chunk, OtaLink.request_chunk),
+    "page": _Fetch(up.PAGING, "pages", mf.PAGE_BYTES, up.Page, OtaLink.request_page),
+}
+
+
 def command_reboot(argv=REBOOT_COMMAND):
     """A reboot callable that runs `argv` (systemctl reboot by default)."""
     def reboot():
@@ -60,9 +77,9 @@ class LinuxOta(OtaLink):
         """identity: "tenant/device"; config: agent.updater.Config (its hw_class
         is said in the hello); slots: a LinuxSlots; version_of(slot): the
         version of the image in `slot` (the running one), for the hello;
-        ranges: a board.https_ranges.HttpsRanges to fetch chunks over HTTPS
-        instead of asking for them over MQTT (a chunk it cannot fetch is
-        asked for over MQTT)."""
+        ranges: a board.https_ranges.HttpsRanges to fetch chunks and pages
+        over HTTPS instead of asking for them over MQTT (one it cannot fetch
+        is asked for over MQTT)."""
         self.logger = logger or logging.getLogger("tether.ota")
         OtaLink.__init__(self, identity, config.hw_class, site, slots, self.logger.warning)
         self.config = config
@@ -73,9 +90,10 @@ class LinuxOta(OtaLink):
         self.step_pending = False     # the updater announced StepLater
         self.reboot_by_ms = None      # set by Reboot: the reboot happens by then at the latest
         self.ranges = ranges
-        self.fetch_pending = None     # (ref, index) to fetch over HTTPS in the next step()
+        self.fetch_pending = None     # (a FETCHES kind, ref, index) to fetch over HTTPS in the next step()
         self.fetched = 0              # chunks that came over HTTPS
-        self.fetch_errors = {}        # HTTPS failures by code (each chunk then asked over MQTT)
+        self.pages_fetched = 0        # pages that came over HTTPS
+        self.fetch_errors = {}        # HTTPS failures by code (each then asked over MQTT)
 
     # -- what LinuxAgent calls ---------------------------------------------------
 
@@ -97,7 +115,7 @@ class LinuxOta(OtaLink):
         self.received(payload, self.clock.now_ms())
 
     def busy(self):
-        """Work waits for the next pass (a verification step, a chunk to fetch):
+        """Work waits for the next pass (a verification step, a chunk or page to fetch):
         the driver's loop should not sleep."""
         return self.step_pending or self.fetch_pending is not None
 
@@ -127,10 +145,10 @@ class LinuxOta(OtaLink):
         return self.client.publish(self.up_topic, payload, qos=1)
 
     def request_chunk(self, ref, index):
-        if self.ranges is None:
-            OtaLink.request_chunk(self, ref, index)
-        else:                                        # fetched in step(), one chunk per pass
-            self.fetch_pending = (ref, index)
+        self._ask("chunk", ref, index)
+
+    def request_page(self, ref, index):
+        self._ask("page", ref, index)
 
     def step_later(self):                            # fed in step(), after the network
         self.step_pending = True
@@ -143,23 +161,33 @@ class LinuxOta(OtaLink):
                           error.code, error.message)
         self.step_pending = False
 
+    def _ask(self, kind, ref, index):
+        if self.ranges is None:
+            FETCHES[kind].over_mqtt(self, ref, index)
+        else:                                        # fetched in step(), one per pass
+            self.fetch_pending = (kind, ref, index)
+
     def _fetch(self):
-        ref, index = self.fetch_pending
+        kind, ref, index = self.fetch_pending
         self.fetch_pending = None
+        how = FETCHES[kind]
         u = self.updater
-        if u is None or u.state != up.DOWNLOADING or u.boot.ref != ref:
+        if u is None or u.state != how.state or u.boot.ref != ref:
             return                                   # cancelled or rebooted meanwhile
         try:
-            data = self.ranges.fetch(ref, index * mf.CHUNK_BYTES, mf.CHUNK_BYTES)
+            data = self.ranges.fetch(ref, index * how.piece_bytes, how.piece_bytes, how.resource)
         except RangeError as e:
             code = e.code if e.code in self.fetch_errors or len(self.fetch_errors) < ERROR_CODES_MAX \
                 else "other"
             self.fetch_errors[code] = self.fetch_errors.get(code, 0) + 1
-            self.logger.warning("chunk %d of %s over HTTPS failed (%s): asking over MQTT", index, ref, e)
-            OtaLink.request_chunk(self, ref, index)
+            self.logger.warning("%s %d of %s over HTTPS failed (%s): asking over MQTT", kind, index, ref, e)
+            how.over_mqtt(self, ref, index)
             return
-        self.fetched += 1
-        self.feed(up.Chunk(index, data))
+        if kind == "page":
+            self.pages_fetched += 1
+        else:
+            self.fetched += 1
+        self.feed(how.event(index, data))
 
     def _report_delivered(self):
         info = self.last_report          # rc NO_CONN: that connection was gone; never acknowledged

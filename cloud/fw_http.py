@@ -1,19 +1,25 @@
 """Firmware payloads over HTTPS range requests, for boards that prefer them
-to MQTT chunks (docs/ota.md, "HTTPS ranges").
+to MQTT chunks and pages (docs/ota.md, "HTTPS ranges"). Two resources per
+release, served alike:
 
-    GET /fw/<release id>   Range: bytes=<first>-<last>   (one range, at most RANGE_BYTES_MAX)
+    GET /fw/<release id>         the payload
+    GET /fw/<release id>/pages   its chunk table (cloud.firmware.chunk_table:
+                                 page p of a paged manifest is bytes p*4096 ..)
+    Range: bytes=<first>-<last>  (one range, at most RANGE_BYTES_MAX)
     -> 206 Partial Content, Content-Range: bytes <first>-<last>/<size>
 
-The same rule as the MQTT chunks (cloud/ota_service.py): bytes of a release
-are served to a device only while the rollout engine offers it that release
-(`Engine.offer_for`), so a pause, halt or kill takes effect at the next
-request. The device is its client certificate (mTLS against the device CA,
-as on the broker): claim and cloud identities, revoked identities and
-retired certificates are refused. Every refusal is answered with its status
-and a one-line reason, recorded with the OTA service's refusals and logged.
+The same rule as the MQTT chunks and pages (cloud/ota_service.py): bytes of
+a release are served to a device only while the rollout engine offers it
+that release (`Engine.offer_for`), so a pause, halt or kill takes effect at
+the next request. The device is its client certificate (mTLS against the
+device CA, as on the broker): claim and cloud identities, revoked
+identities and retired certificates are refused. Every refusal is answered
+with its status and a one-line reason, recorded with the OTA service's
+refusals and logged.
 
 The bytes are checked on the device against the signed manifest, chunk by
-chunk, as over MQTT: this endpoint is a transport, not a trust anchor.
+chunk and page by page, as over MQTT: this endpoint is a transport, not a
+trust anchor.
 
 HTTP/1.1 parsing is h11's; keep-alive is supported, one request at a time
 per connection, with bounded head size and idle time; past CONNECTIONS_MAX
@@ -31,6 +37,7 @@ from cloud.ota_service import OtaError
 log = logging.getLogger("tether.fw_http")
 
 PATH_PREFIX = "/fw/"
+PAGES_SUFFIX = "/pages"           # /fw/<release>/pages: the chunk table, not the payload
 RANGE_BYTES_MAX = 65536           # one answer's body, at most
 HEAD_BYTES_MAX = 8192             # request line and headers
 IDLE_S = 30.0                     # a connection with no complete request for this long is closed
@@ -80,16 +87,20 @@ def _digits(text):
     return 0 < len(text) <= 12 and all("0" <= c <= "9" for c in text)
 
 
-def release_of(target):
-    """The release id in a request target /fw/<release>; HttpRefusal 404 otherwise."""
+def resource_of(target):
+    """(release id, "payload" or "pages") of a request target /fw/<release>
+    or /fw/<release>/pages; HttpRefusal 404 otherwise."""
     try:
         path = target.decode("ascii")
     except UnicodeDecodeError:
         raise HttpRefusal(404, "not_found", "no such path")
     release = path[len(PATH_PREFIX):] if path.startswith(PATH_PREFIX) else ""
+    resource = "payload"
+    if release.endswith(PAGES_SUFFIX):
+        release, resource = release[:-len(PAGES_SUFFIX)], "pages"
     if not 0 < len(release) <= TEXT_CHARS_MAX or any(c not in _RELEASE_CHARS for c in release):
         raise HttpRefusal(404, "not_found", "no such path")
-    return release
+    return release, resource
 
 
 class FirmwareHttp:
@@ -105,8 +116,9 @@ class FirmwareHttp:
         self.admit = admit
         self.server = None
         self.connections = set()
-        self.served = 0               # 206 answers
+        self.served = 0               # 206 answers, both resources
         self.served_bytes = 0
+        self.pages_served = 0         # ... of which ranges of a chunk table
 
     async def start(self):
         self.server = await asyncio.start_server(self._connection, self.host, self.port,
@@ -196,24 +208,29 @@ class FirmwareHttp:
                 raise HttpRefusal(403, reason, "certificate refused: %s" % reason)
             if request.method != b"GET":
                 raise HttpRefusal(405, "bad_method", "GET only", [("Allow", "GET")])
-            release = release_of(request.target)
-            payload = self._payload(identity, release)
-            first, last = parse_range(_header(request, b"range"), len(payload))
+            release, resource = resource_of(request.target)
+            whole = self._resource(identity, release, resource)
+            first, last = parse_range(_header(request, b"range"), len(whole))
         except HttpRefusal as e:
             self._refuse(identity, e)
             return e.status, [("Content-Type", "text/plain")] + e.headers, (e.code + "\n").encode()
-        body = payload[first:last + 1]
+        body = whole[first:last + 1]
         self.served += 1
         self.served_bytes += len(body)
+        if resource == "pages":
+            self.pages_served += 1
         return 206, [("Content-Type", "application/octet-stream"),
-                     ("Content-Range", "bytes %d-%d/%d" % (first, last, len(payload)))], body
+                     ("Content-Range", "bytes %d-%d/%d" % (first, last, len(whole)))], body
 
-    def _payload(self, identity, release):
+    def _resource(self, identity, release, resource):
+        """The release's payload or chunk table (the OTA core's caches), only
+        while the engine offers that release to identity."""
         with self.ota.lock:
             offer = self.ota.engine.offer_for(identity)
             if offer is None or offer.release != release:
                 raise HttpRefusal(403, "not_offered", "%s is not offered %s now" % (identity, release))
-            return self.ota.core.blobs(release)[1]
+            core = self.ota.core
+            return core.chunk_table(release) if resource == "pages" else core.blobs(release)[1]
 
     def _refuse(self, identity, refusal):
         with self.ota.lock:

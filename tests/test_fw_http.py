@@ -4,19 +4,23 @@ engine, the HTTPS endpoint with mTLS against the device CA, real device
 certificates, stdlib http.client (and raw TLS sockets for what a client
 library would not send).
 
-- a Linux board fetches its update over HTTPS and confirms; none of its
-  chunks went over MQTT; a board whose HTTPS endpoint is down falls back
-  to MQTT chunks and still confirms;
-- a range is served only to a device offered that release, only to a
-  device certificate, never to a revoked identity; every refusal is
-  answered with its status and reason and recorded with the OTA service's
-  refusals;
+- a Linux board fetches its update over HTTPS and confirms, the pages of
+  a paged manifest too; none of its chunks or pages went over MQTT; a
+  board whose HTTPS endpoint is down falls back to MQTT chunks and pages
+  and still confirms;
+- the pages resource is the release's chunk table, page p the slice whose
+  SHA-256 the manifest signs;
+- a range of either resource is served only to a device offered that
+  release, only to a device certificate, never to a revoked identity;
+  every refusal is answered with its status and reason and recorded with
+  the OTA service's refusals;
 - malformed, oversized, multi-range, unsatisfiable, bodied and garbage
   requests get a clear 4xx and the connection closes; parse_range is
   fuzzed.
 """
 
 import asyncio
+import hashlib
 import http.client
 import os
 import socket
@@ -31,16 +35,18 @@ from agent import updater as up
 from board.https_ranges import HttpsRanges, RangeError
 from cloud import fw_http
 from cloud.ca import OTA_IDENTITY
+from cloud.firmware import chunk_table
 from cloud.fw_http import HttpRefusal, parse_range
 from cloud.rollout import Engine, Policy
 from cloud.rollout_release import release_id
 from cloud.service import Cloud
 from simulator import firmware_faults as ff
 
-from test_linux_ota import FACTORY, GOOD, HW, PEOPLE, RELEASES, Board, now_ms, reported, start_rollout
+from test_linux_ota import FACTORY, GOOD, HW, PAGED, PEOPLE, RELEASES, Board, now_ms, reported, start_rollout
 
 GOOD_ID = release_id(HW, GOOD)
 PAYLOAD = RELEASES[GOOD][1]
+PAGES = "/fw/%s/pages" % GOOD_ID
 
 
 @pytest.fixture
@@ -71,8 +77,8 @@ def offered(cloud, name):
     return cred
 
 
-def started(cloud):
-    start_rollout(cloud)
+def started(cloud, version=GOOD):
+    start_rollout(cloud, version)
     return cloud
 
 
@@ -113,26 +119,43 @@ def refusal_codes(cloud):
 
 # ---------------------------------------------------------------- end to end
 
-async def test_a_linux_board_updates_over_https_ranges(cloud, tmp_path):
+def pages_of(version):
+    """Pages a board must fetch for `version` (0: its manifest is not paged)."""
+    bundle, payload = RELEASES[version]
+    paged = mf.verify_release(bundle, ff.root_public_key(), 2).paged
+    return mf.page_count(mf.chunk_count(len(payload))) if paged else 0
+
+
+@pytest.mark.parametrize("version", [GOOD, PAGED])
+async def test_a_linux_board_updates_over_https_ranges(cloud, tmp_path, version):
     board = Board(cloud, tmp_path / "pi", "pi-1", https=True)
     assert await board.until(lambda: board.ota.welcomed)
-    start_rollout(cloud)
+    start_rollout(cloud, version)
     assert await board.until(lambda: board.reboots == 1 and board.state() == up.CONFIRMED
                              and reported(cloud, board.identity, "confirmed")())
-    assert board.slot_bytes(1) == PAYLOAD
-    chunks = mf.chunk_count(len(PAYLOAD))
-    assert cloud.fw_http.served >= chunks and cloud.fw_http.served_bytes >= len(PAYLOAD)
-    assert cloud.ota_service.core.counts["chunk_served"] == 0      # nothing over MQTT
+    payload = RELEASES[version][1]
+    assert board.slot_bytes(1) == payload
+    endpoint = cloud.fw_http
+    assert endpoint.served - endpoint.pages_served >= mf.chunk_count(len(payload))
+    assert endpoint.served_bytes >= len(payload)
+    pages = pages_of(version)
+    assert endpoint.pages_served >= pages and (endpoint.pages_served == 0) == (pages == 0)
+    counts = cloud.ota_service.core.counts
+    assert (counts["chunk_served"], counts["page_served"]) == (0, 0)     # nothing over MQTT
 
 
-async def test_a_board_whose_https_endpoint_is_down_falls_back_to_mqtt(cloud, tmp_path):
+@pytest.mark.parametrize("version", [GOOD, PAGED])
+async def test_a_board_whose_https_endpoint_is_down_falls_back_to_mqtt(cloud, tmp_path, version):
     board = Board(cloud, tmp_path / "pi", "pi-2", https=True, https_port=1)   # nothing listens there
     assert await board.until(lambda: board.ota.welcomed)
-    start_rollout(cloud)
+    start_rollout(cloud, version)
     assert await board.until(lambda: board.reboots == 1 and board.state() == up.CONFIRMED
                              and reported(cloud, board.identity, "confirmed")())
-    assert board.slot_bytes(1) == PAYLOAD
-    assert cloud.ota_service.core.counts["chunk_served"] >= mf.chunk_count(len(PAYLOAD))
+    payload = RELEASES[version][1]
+    assert board.slot_bytes(1) == payload
+    counts = cloud.ota_service.core.counts
+    assert counts["chunk_served"] >= mf.chunk_count(len(payload))
+    assert counts["page_served"] >= pages_of(version)
     assert cloud.fw_http.served == 0
 
 
@@ -160,6 +183,29 @@ async def test_an_offered_device_gets_exact_ranges_on_one_connection(cloud):
     assert cloud.fw_http.served == 3
 
 
+async def test_the_pages_resource_is_the_chunk_table_the_manifest_signs(cloud):
+    cred = offered(cloud, "dev-1")
+    started(cloud, PAGED)
+    bundle, payload = RELEASES[PAGED]
+    manifest = mf.verify_release(bundle, ff.root_public_key(), 2)
+    table = chunk_table(payload)
+    pages = pages_of(PAGED)
+    assert manifest.paged and pages == 2
+    ranges = HttpsRanges(cloud.host, cloud.fw_http_port, device_context(cloud, cred))
+    for p in range(pages):     # 4 KiB asked for each; the last page is shorter
+        page = await asyncio.to_thread(ranges.fetch, release_id(HW, PAGED), p * mf.PAGE_BYTES,
+                                       mf.PAGE_BYTES, "pages")
+        assert page == table[p * mf.PAGE_BYTES:(p + 1) * mf.PAGE_BYTES]
+        assert len(page) == mf.page_bytes(mf.chunk_count(len(payload)), p)
+        assert hashlib.sha256(page).digest() == manifest.page_hash(p)
+    with pytest.raises(RangeError) as info:         # past the table
+        await asyncio.to_thread(ranges.fetch, release_id(HW, PAGED), pages * mf.PAGE_BYTES, 4096, "pages")
+    assert info.value.code == "range_not_satisfiable"
+    ranges.close()
+    assert (cloud.fw_http.served, cloud.fw_http.pages_served) == (pages, pages)
+    assert cloud.ota_service.core.counts["page_served"] == 0
+
+
 async def test_the_https_ranges_client_reads_and_reports_refusals(cloud):
     cred = offered(cloud, "dev-1")
     started(cloud)
@@ -171,32 +217,39 @@ async def test_the_https_ranges_client_reads_and_reports_refusals(cloud):
     ranges.close()
 
 
-async def test_ranges_only_for_the_release_offered_to_that_device(cloud):
+RESOURCES = pytest.mark.parametrize("suffix", ["", "/pages"], ids=["payload", "pages"])
+
+
+@RESOURCES
+async def test_ranges_only_for_the_release_offered_to_that_device(cloud, suffix):
+    path = "/fw/" + GOOD_ID + suffix
     cred = offered(cloud, "dev-1")
     other = cloud.issue_device("globex", "dev-9")        # another tenant, not observed, not offered
-    assert (await get(cloud, cred))[0] == 403            # no rollout yet
+    assert (await get(cloud, cred, path))[0] == 403      # no rollout yet
     started(cloud)
-    assert (await get(cloud, cred))[0] == 206
-    status, _, body = await get(cloud, other)
+    assert (await get(cloud, cred, path))[0] == 206
+    status, _, body = await get(cloud, other, path)
     assert (status, body) == (403, b"not_offered\n")
-    status, _, _ = await get(cloud, cred, "/fw/" + release_id(HW, FACTORY))   # not the one offered
+    status, _, _ = await get(cloud, cred, "/fw/" + release_id(HW, FACTORY) + suffix)   # not the one offered
     assert status == 403
     assert refusal_codes(cloud).count("not_offered") == 3
     cloud.ops.kill(PEOPLE[1], "the kill switch", now_ms())   # any process: the next request sees it
-    assert (await get(cloud, cred))[0] == 403
+    assert (await get(cloud, cred, path))[0] == 403
 
 
-async def test_a_revoked_device_and_a_cloud_identity_are_refused(cloud):
+@RESOURCES
+async def test_a_revoked_device_and_a_cloud_identity_are_refused(cloud, suffix):
+    path = "/fw/" + GOOD_ID + suffix
     cred = offered(cloud, "dev-1")
     started(cloud)
-    assert (await get(cloud, cred))[0] == 206
+    assert (await get(cloud, cred, path))[0] == 206
     cloud.registry.revoke("acme/dev-1", "stolen", "secops")
     await cloud.enforce_revocations()
-    status, _, body = await get(cloud, cred)
+    status, _, body = await get(cloud, cred, path)
     assert (status, body) == (403, b"revoked\n")
     ota_cred = cloud._client_files(cloud.ca, "ota", OTA_IDENTITY)
     ota = type("Cred", (), {"certfile": ota_cred[0], "keyfile": ota_cred[1]})()
-    status, _, body = await get(cloud, ota)
+    status, _, body = await get(cloud, ota, path)
     assert (status, body) == (403, b"cloud_identity\n")
     assert {"revoked", "cloud_identity"} <= set(refusal_codes(cloud))
 
@@ -240,6 +293,13 @@ async def test_no_client_certificate_no_tls(cloud):
     ({"Range": "bytes=0-1"}, "/etc/passwd", "GET", 404, "not_found"),
     ({"Range": "bytes=0-1"}, "/fw/../../x", "GET", 404, "not_found"),
     ({"Range": "bytes=0-1"}, "/fw/" + "a" * 65, "GET", 404, "not_found"),
+    ({}, PAGES, "GET", 400, "range_required"),
+    ({"Range": "bytes=0-1,5-6"}, PAGES, "GET", 400, "bad_range"),
+    ({"Range": "bytes=99999999-"}, PAGES, "GET", 416, "range_not_satisfiable"),
+    ({"Range": "bytes=0-70000"}, PAGES, "GET", 416, "range_too_long"),
+    ({"Range": "bytes=0-1"}, PAGES + "/pages", "GET", 404, "not_found"),
+    ({"Range": "bytes=0-1"}, "/fw/" + GOOD_ID + "/page", "GET", 404, "not_found"),
+    ({"Range": "bytes=0-1"}, "/fw//pages", "GET", 404, "not_found"),
 ])
 async def test_bad_requests_get_a_clear_refusal(cloud, headers, path, method, status, code):
     cred = offered(cloud, "dev-1")
@@ -248,7 +308,8 @@ async def test_bad_requests_get_a_clear_refusal(cloud, headers, path, method, st
     assert (got, body) == (status, (code + "\n").encode())
     assert got_headers.get("Connection") == "close"
     if status == 416:
-        assert got_headers["Content-Range"] == "bytes */%d" % len(PAYLOAD)
+        size = len(chunk_table(PAYLOAD)) if path == PAGES else len(PAYLOAD)
+        assert got_headers["Content-Range"] == "bytes */%d" % size
     assert code in refusal_codes(cloud)
 
 

@@ -14,7 +14,10 @@ LinuxAgent starts on the same directories, which runs slots.boot().
   back to the old slot;
 - a tampered chunk and bad bundles leave the board on its image, each
   reported rejected with its reason;
-- a process killed mid-download resumes from its cursor after a restart.
+- a process killed mid-download resumes from its cursor after a restart;
+- with HTTPS ranges, a page the updater no longer waits for is not fetched,
+  and one that cannot be fetched is counted and asked for over MQTT
+  (end to end over HTTPS: tests/test_fw_http.py).
 """
 
 import asyncio
@@ -42,8 +45,9 @@ from simulator.ota_drill import unknown_signer_bundle
 from brokers import require_kind
 
 HW = "pi-v1"
-FACTORY, GOOD = "1.0.0", "1.1.0"
+FACTORY, GOOD, PAGED = "1.0.0", "1.1.0", "1.2.0"
 IMAGE_BYTES = 4 * mf.CHUNK_BYTES - 300      # four chunks, the last one short
+PAGED_BYTES = (mf.PAGE_CHUNKS + 2) * mf.CHUNK_BYTES - 300   # paged: pages of 128 and 2 chunk hashes
 PEOPLE = ("alice", "bob", "carol")
 PLAN = {"silence_s": 60, "reach_s": 120, "stages": [{"name": "all", "percent": 100, "soak_s": 0}]}
 TRIAL_ACKS_MIN = 3
@@ -51,6 +55,7 @@ WAIT_S = 30
 SAMPLE_S = 0.1
 
 RELEASES = {v: ff.build_release(HW, v, 1, size=IMAGE_BYTES) for v in (FACTORY, GOOD)}  # (bundle, payload)
+RELEASES[PAGED] = ff.build_release(HW, PAGED, 1, size=PAGED_BYTES, pages=True)
 VERSION_OF_HASH = {hashlib.sha256(p).digest(): v for v, (_, p) in RELEASES.items()}
 
 
@@ -73,8 +78,8 @@ async def cloud(tmp_path, request):
     await c.stop()
 
 
-def start_rollout(cloud):
-    rid = cloud.ops.create(release_id(HW, GOOD), PLAN, PEOPLE[0], "test", now_ms())
+def start_rollout(cloud, version=GOOD):
+    rid = cloud.ops.create(release_id(HW, version), PLAN, PEOPLE[0], "test", now_ms())
     cloud.ops.approve(rid, PEOPLE[1], now_ms())
     cloud.ops.approve(rid, PEOPLE[2], now_ms())
     cloud.ota_service.tick_now()
@@ -361,3 +366,36 @@ def test_a_rollback_reboot_waits_for_its_report_and_ignores_offers_meanwhile(tmp
     with open(os.path.join(str(tmp_path), BOOT_ENV)) as f:
         assert parse_env(f.read())["boot_slot"] == "0"
     assert len(ota.outbox) == 2                          # trial and rolled_back, for the next connection
+
+
+def test_a_page_is_fetched_only_while_awaited_and_falls_back_to_mqtt(tmp_path):
+    # HTTPS to a port nothing listens on; MQTT offline, what it would send recorded.
+    slots = LinuxSlots(tmp_path, env=FileEnv(os.path.join(str(tmp_path), BOOT_ENV)))
+    with open(slots.slot_paths[0], "wb") as f:
+        f.write(RELEASES[FACTORY][1])
+    slots.write_boot_state(up.BootState(active=0, sv=1, ksv=1).encode())
+    config = up.Config(HW, ff.root_public_key(), k=2, trial_acks_min=TRIAL_ACKS_MIN, trial_ms_max=1000)
+    ranges = HttpsRanges("127.0.0.1", 1, ssl.create_default_context(), timeout_s=2)
+    ota = LinuxOta("acme/pi-6", config, slots, "site-0", lambda slot: FACTORY, clock=StillClock(),
+                   ranges=ranges)
+    sent = []
+    ota.publish = lambda payload: sent.append(payload)   # offline: None, reports kept
+    ota.boot()
+    offer = encode("offer", ref="r", bundle=RELEASES[PAGED][0])
+    ota.on_message(offer)
+    for _ in range(1000):                                # the offer's verification, a Step per pass
+        if ota.updater.state != up.VERIFYING:
+            break
+        ota.step(0)
+    # Verified: page 0 asked for and fetched in the same pass; refused there, asked over MQTT.
+    page_0 = encode("page", ref="r", i=0)
+    assert ota.updater.state == up.PAGING and ota.fetch_pending is None
+    assert ota.fetch_errors == {"network": 1} and ota.pages_fetched == 0 and sent[-1] == page_0
+    # The offer again (a reconnect) asks for the page again; a cancel comes before the next pass.
+    ota.on_message(offer)
+    assert ota.fetch_pending == ("page", "r", 0)
+    ota.on_message(encode("cancel", ref="r", why="halted"))
+    sent.clear()
+    ota.step(0)
+    assert ota.updater.state == up.REJECTED and ota.fetch_pending is None
+    assert ota.fetch_errors == {"network": 1} and page_0 not in sent     # neither over HTTPS nor MQTT
