@@ -67,6 +67,7 @@ class OtaLink:
         self.hello_ms = 0
         self.outbox = []              # reports that waited while offline, oldest first
         self.last_report = None       # publish()'s handle of the last report sent (None: kept)
+        self.last_report_payload = None
         self.reboot_pending = False   # the updater asked for a reboot
         self.read_pending = None      # the ReadSlot waiting for read_now()
         self.resuming = False
@@ -204,8 +205,9 @@ class OtaLink:
             elif isinstance(a, up.WriteBootState):
                 self.slots.write_boot_state(a.data)
             elif isinstance(a, up.Report):
-                self.last_report = self.send(encode("report", st=a.status, why=a.reason[:REASON_CHARS_MAX],
-                                                    seq=a.seq, ref=a.ref))
+                self.last_report_payload = encode("report", st=a.status, why=a.reason[:REASON_CHARS_MAX],
+                                                  seq=a.seq, ref=a.ref)
+                self.last_report = self.send(self.last_report_payload)
             elif isinstance(a, up.RequestChunk):
                 self._request(a.index)
             elif isinstance(a, up.RequestPage):

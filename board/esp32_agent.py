@@ -94,7 +94,7 @@ class Esp32Agent:
             now = self.clock.ticks_ms()
             if _ticks_diff(now, next_sample) >= 0:
                 self.sample(read_sensors())
-                next_sample = now + sample_ms
+                next_sample = _ticks_add(now, sample_ms)      # ticks wrap (2**30 ms on an ESP32)
             self.step()
             if not self.busy():
                 _sleep_ms(IDLE_SLEEP_MS)
@@ -120,10 +120,14 @@ def _print(text):
 
 try:
     _ticks_diff = time.ticks_diff
+    _ticks_add = time.ticks_add
     _sleep_ms = time.sleep_ms
 except AttributeError:        # CPython (the tests)
     def _ticks_diff(a, b):
         return a - b
+
+    def _ticks_add(a, b):
+        return a + b
 
     def _sleep_ms(ms):
         time.sleep(ms / 1000)

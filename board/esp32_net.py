@@ -38,21 +38,39 @@ import time
 
 from agent import mqtt
 from agent.errors import MQTTError
+from agent.ota_wire import DOWN_BYTES_MAX
 
 CONNECT_TIMEOUT_MS = const(10000)     # for the CONNACK and the SUBACK
 ACK_TIMEOUT_MS = const(15000)         # for a PUBACK, past it the link is taken for dead
 KEEPALIVE_S = const(60)
-READ_BYTES = const(2048)              # per read; a pass reads until nothing is left
-READS_PER_POLL_MAX = const(64)        # ... at most this many (128 KiB), then the loop goes on
-PACKET_BYTES_MAX = const(16384)       # an offer's bundle and a 4 KiB chunk fit (docs/ota.md)
-SEND_TIMEOUT_S = const(10)
+READ_BYTES = const(2048)              # per read; a pass reads until nothing is left ...
+READS_PER_POLL_MAX = const(64)        # ... at most this many (128 KiB) ...
+MESSAGES_PER_POLL_MAX = const(64)     # ... or until this many messages ...
+MESSAGE_BYTES_PER_POLL = const(16384)  # ... or this many bytes of them wait for the loop
+# The largest update message the cloud may send (an offer: a bundle of up
+# to 64 KiB), its topic and header: allocated only when such a packet comes.
+PACKET_BYTES_MAX = DOWN_BYTES_MAX + 512
+SEND_TIMEOUT_S = const(10)            # a packet not written by then takes the link down
+SEND_WAIT_MS = const(5)               # between tries while the socket takes nothing
 _SUBSCRIBE_ID = const(1)
 
 try:
     ticks_diff = time.ticks_diff
+    ticks_add = time.ticks_add
+    _ticks_ms = time.ticks_ms
+    _sleep_ms = time.sleep_ms
 except AttributeError:                # CPython: ticks that do not wrap
     def ticks_diff(a, b):
         return a - b
+
+    def ticks_add(a, b):
+        return a + b
+
+    def _ticks_ms():
+        return int(time.monotonic() * 1000)
+
+    def _sleep_ms(ms):
+        time.sleep(ms / 1000)
 
 
 class MqttLink:
@@ -79,6 +97,8 @@ class MqttLink:
         self.wrote_ms = 0             # the keepalive counts from the last packet sent
         self.ping_ms = None           # a PINGREQ waiting for its PINGRESP, since
         self.events = []
+        self.held = 0                 # bytes of messages in events
+        self.connections = 0
 
     # -- what the board calls ------------------------------------------------------
 
@@ -94,6 +114,7 @@ class MqttLink:
             self.events.append(("down", "connect failed: %s" % _describe(e), None))
             return
         self.parser = mqtt.Parser(self.packet_bytes_max)
+        self.connections += 1
         self.state = "connecting"
         self.accepted = False         # the CONNACK came (then the SUBACK is awaited)
         self.opened_ms = self.ticks_ms()
@@ -107,10 +128,11 @@ class MqttLink:
         if self.stream is not None:
             self._timers()
         events, self.events = self.events, []
+        self.held = 0
         return events
 
     def publish(self, topic, payload, token=None):
-        """QoS 1 -> its packet id (the handle), or None when not up. An
+        """QoS 1 -> a handle for delivered(), or None when not up. An
         ("acked", token) event follows the PUBACK."""
         if self.state != "up":
             return None
@@ -118,13 +140,15 @@ class MqttLink:
         self.next_pid = pid % 65535 + 1
         if self.next_pid == _SUBSCRIBE_ID:
             self.next_pid = 2
-        self.inflight[pid] = (token, self.ticks_ms())
+        handle = [pid, False]         # [packet id, its PUBACK came]
+        self.inflight[pid] = (token, self.ticks_ms(), handle)
         self._send(mqtt.publish(topic, payload, 1, pid))
-        return pid if self.stream is not None else None
+        return handle if self.stream is not None else None
 
-    def delivered(self, pid):
-        """True once the PUBACK of packet `pid` came (board/esp32_ota.py's transport)."""
-        return pid is not None and pid not in self.inflight and self.state == "up"
+    def delivered(self, handle):
+        """True once the broker acknowledged that publish (board/esp32_ota.py's
+        transport); never for one whose connection died first."""
+        return handle is not None and handle[1]
 
     def close(self, reason="closed by the board", refused=None):
         if self.stream is None:
@@ -174,6 +198,8 @@ class MqttLink:
                 self._packet(packet)
                 if self.stream is None:
                     return
+            if len(self.events) >= MESSAGES_PER_POLL_MAX or self.held >= MESSAGE_BYTES_PER_POLL:
+                return                   # a flood waits in the socket for the next passes
 
     def _packet(self, p):
         if isinstance(p, mqtt.ConnAck):
@@ -186,6 +212,7 @@ class MqttLink:
                 self.accepted = True
                 self._send(mqtt.subscribe(_SUBSCRIBE_ID, [(f, 1) for f in self.subscriptions]))
             else:
+                self.accepted = True
                 self._up()
         elif isinstance(p, mqtt.SubAck):
             if self.state != "connecting" or not self.accepted or p.packet_id != _SUBSCRIBE_ID:
@@ -195,15 +222,19 @@ class MqttLink:
             else:
                 self._up()
         elif isinstance(p, mqtt.Publish):
-            if self.state != "up":
-                self.close("a PUBLISH before the session was up")
+            # Once the CONNACK came a broker may deliver on a subscription
+            # before its SUBACK (MQTT 3.1.1 section 3.8.4).
+            if not self.accepted:
+                self.close("a PUBLISH before the CONNACK")
                 return
             if p.packet_id is not None:
                 self._send(mqtt.puback(p.packet_id))
+            self.held += len(p.payload)
             self.events.append(("message", p.topic, p.payload))
         elif isinstance(p, mqtt.PubAck):
             sent = self.inflight.pop(p.packet_id, None)
             if sent is not None:
+                sent[2][1] = True
                 self.events.append(("acked", sent[0]))
         elif isinstance(p, mqtt.PingResp):
             self.ping_ms = None
@@ -222,7 +253,7 @@ class MqttLink:
         if self.ping_ms is not None and ticks_diff(now, self.ping_ms) >= self.keepalive_s * 1000:
             self.close("no PINGRESP in %d s" % self.keepalive_s)
             return
-        for token, sent_ms in self.inflight.values():
+        for token, sent_ms, _ in self.inflight.values():
             if ticks_diff(now, sent_ms) >= ACK_TIMEOUT_MS:
                 self.close("no PUBACK in %d ms" % ACK_TIMEOUT_MS)
                 return
@@ -242,7 +273,10 @@ def _describe(error):
 # ---------------------------------------------------------------- the stream
 
 class Stream:
-    """A TLS socket: send() whole and blocking, recv() without waiting."""
+    """A TLS socket, never blocking: recv() gives what is there, send()
+    writes all of it within SEND_TIMEOUT_S or raises (MicroPython's TLS
+    socket has no timeout of its own: a broker that stops reading must not
+    stop the board's loop)."""
 
     def __init__(self, sock, raw):
         self.sock = sock
@@ -250,19 +284,23 @@ class Stream:
         sock.setblocking(False)
 
     def send(self, data):
-        if hasattr(self.sock, "settimeout"):
-            self.sock.settimeout(SEND_TIMEOUT_S)  # blocking, but not for ever
-        else:
-            self.sock.setblocking(True)
-        try:
-            view = memoryview(data)
-            while view:
+        view = memoryview(data)
+        deadline = ticks_add(_ticks_ms(), SEND_TIMEOUT_S * 1000)
+        while view:
+            try:
                 n = self.sock.write(view)
-                if n is None:          # MicroPython: nothing written yet
-                    continue
+            except OSError as e:
+                if not _would_block(e):
+                    raise
+                n = None
+            if n == 0:
+                raise OSError(5, "the connection takes no more bytes")    # EIO
+            if n is not None:
                 view = view[n:]
-        finally:
-            self.sock.setblocking(False)
+            elif ticks_diff(deadline, _ticks_ms()) <= 0:
+                raise OSError(110, "send timed out")                       # ETIMEDOUT
+            else:
+                _sleep_ms(SEND_WAIT_MS)
 
     def recv(self, n):
         """bytes; None when nothing is there yet; b"" at the end of the stream."""

@@ -70,7 +70,13 @@ class Esp32Ota(OtaLink):
         self.booted(up.Updater(self.config), slot, blob)
 
     def connected(self):
+        # A report sent on a connection that died before its PUBACK is sent
+        # again (the cloud keeps one per seq): the reset waits for it.
+        lost = self.last_report_payload if self.last_report is not None and \
+            not self.transport.delivered(self.last_report) else None
         self.link_up(self.ticks_ms())
+        if lost is not None:
+            self.last_report = self.send(lost)
 
     def on_message(self, payload):
         self.received(payload, self.now_ms())

@@ -253,7 +253,7 @@ def come_up(link, broker):
 @pytest.mark.parametrize("send, reason", [
     (b"\xff\xff\xff\xff\xff", "bad packet"),             # garbage
     (b"\x20\x02\x00\x05", "refused: not authorized"),    # CONNACK refused
-    (b"\x30\x05\x00\x01t\x00\x00", "a PUBLISH before the session was up"),
+    (b"\x30\x05\x00\x01t\x00\x00", "a PUBLISH before the CONNACK"),
     (b"\x90\x03\x00\x01\x01", "a SUBACK out of turn"),   # before the CONNACK
     (b"", "closed by the broker"),                       # the broker hangs up
 ])
@@ -301,11 +301,11 @@ def test_the_link_times_out_silence_a_missing_pingresp_and_a_missing_puback():
 
     link, broker, ticks = hostile_link()
     come_up(link, broker)
-    pid = link.publish("t/acme/d/telemetry", b"x", "rec-1")
-    assert broker.recv(1024)[0] >> 4 == mqtt.PUBLISH
-    broker.sendall(mqtt.puback(pid))
-    assert link.poll() == [("acked", "rec-1")] and link.delivered(pid)
-    pid = link.publish("t/acme/d/telemetry", b"y", "rec-2")
+    handle = link.publish("t/acme/d/telemetry", b"x", "rec-1")
+    assert broker.recv(1024)[0] >> 4 == mqtt.PUBLISH and not link.delivered(handle)
+    broker.sendall(mqtt.puback(handle[0]))
+    assert link.poll() == [("acked", "rec-1")] and link.delivered(handle)
+    link.publish("t/acme/d/telemetry", b"y", "rec-2")
     ticks.ms = esp32_net.ACK_TIMEOUT_MS
     assert down_reasons(link)[0][1].startswith("no PUBACK")
 
@@ -362,8 +362,8 @@ print("after connack", link.poll())
 pipe.to_broker[:] = b""
 pipe.to_link += b"\x90\x03\x00\x01\x01"
 print("after suback", link.poll())
-pid = link.publish("t/acme/d/telemetry", b"hello", "rec-1")
-pipe.to_link += mqtt.puback(pid) + mqtt.publish("t/acme/d/update", b"offer", 1, 9)
+handle = link.publish("t/acme/d/telemetry", b"hello", "rec-1")
+pipe.to_link += mqtt.puback(handle[0]) + mqtt.publish("t/acme/d/update", b"offer", 1, 9)
 print("events", link.poll())
 print("puback sent", bytes(pipe.to_broker[-4:]) == mqtt.puback(9))
 t[0] = 30000

@@ -252,6 +252,21 @@ def test_the_reset_waits_for_the_installed_reports_puback_at_most_reboot_wait_ms
     run_until(rig, confirmed)                          # the next boot goes on
 
 
+def test_an_installed_report_lost_with_its_connection_is_sent_again():
+    """The connection dies before the installed report's PUBACK: the next
+    connection sends it again (same seq) and the reset waits for that one."""
+    rig = cpython_rig()
+    run_until(rig, lambda r: r.ota.reboot_asked_ms is not None)
+    rig.puback = False
+    installed = rig.transport.sent[-1]
+    rig.transport.online = False                       # gone before its PUBACK
+    rig.pass_()                                        # reconnects: hello, then the report again
+    assert rig.transport.sent.count(installed) == 2 and rig.resets == 0
+    rig.puback = True
+    rig.pass_()
+    assert rig.resets == 1 and rig.chip.running == "ota_1"
+
+
 def test_a_tampered_chunk_is_rejected_and_the_running_slot_untouched():
     rig = cpython_rig(tamper=1)
     before = bytes(rig.chip.app_bytes("ota_0"))
