@@ -4,10 +4,9 @@ board (`tether agent enroll`, board/linux_main.py: FileStorage and
 FileKeystore). Here, not in simulator/, so a board command does not
 import the simulator.
 
-`IdentityBoard` carries out the core's key and storage actions (MakeKey,
-Sign, WriteAtomic, DeleteKey) with a keystore and a storage (anything with
-write_atomic: SimFlash, board.linux.FileStorage), feeding the answers back,
-and hands transport actions (UseIdentity, Publish, Log) to its caller.
+`IdentityBoard` (board/identity_board.py, portable: the ESP32 runs it too)
+carries out the core's key and storage actions and hands transport
+actions to its caller.
 
 `Enroller` is one device enrolling by claim (or recovering an expired
 certificate) over real mTLS MQTT: it connects to the provisioning endpoint
@@ -23,52 +22,11 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from agent import enroll, mqtt
-from agent.actions import DeleteKey, Log, MakeKey, Publish, Sign, UseIdentity, WriteAtomic
-from agent.events import ConnectionLost, Connected, KeyMade, Message, PubAcked, Refused, Signed, Tick
+from agent.actions import Log, Publish, UseIdentity
+from agent.events import ConnectionLost, Connected, Message, PubAcked, Refused, Tick
+from board.identity_board import IdentityBoard, refusal_reason  # noqa: F401  (here too, where its users import them)
 
-CSR_SUBJECT = "tether device"  # the cloud decides the identity, never the CSR
 CONNECT_TIMEOUT_S = 10
-
-
-class IdentityBoard:
-    def __init__(self, flash, keystore):
-        self.flash = flash
-        self.keystore = keystore
-
-    def run(self, core, actions):
-        """Carry out board actions depth first -> the transport actions left."""
-        todo = list(actions)
-        out = []
-        while todo:
-            action = todo.pop(0)
-            follow = None
-            if isinstance(action, MakeKey):
-                if not (action.reuse and self.keystore.public_key(action.name) is not None):
-                    self.keystore.generate(action.name)
-                follow = core.handle(KeyMade(action.name, self.keystore.csr_der(action.name, CSR_SUBJECT)))
-            elif isinstance(action, Sign):
-                follow = core.handle(Signed(action.name, self.keystore.sign(action.name, action.digest)))
-            elif isinstance(action, WriteAtomic):
-                self.flash.write_atomic(action.name, action.data)
-            elif isinstance(action, DeleteKey):
-                self.keystore.delete(action.name)
-            else:
-                out.append(action)
-            if follow:
-                todo[:0] = follow
-        return out
-
-
-def refusal_reason(exc):
-    """What a failed TLS handshake or CONNACK says about our certificate."""
-    text = str(exc).lower()
-    if "expired" in text:
-        return "cert_expired"
-    if "revoked" in text:
-        return "cert_revoked"
-    if "unknown ca" in text or "certificate unknown" in text or "bad certificate" in text:
-        return "cert_refused"
-    return "refused"
 
 
 class Enroller:

@@ -22,24 +22,32 @@ from agent import cbor, events, telemetry
 from agent.actions import Append, Connect, Log, Publish, WriteAtomic
 from board.esp32_net import MqttLink
 
+ID_TOKEN = "id"               # an identity core's publish, told from telemetry's by its token
+
 IDLE_SLEEP_MS = 20            # a pass with nothing pending waits this long
 
 
 class Esp32Agent:
     def __init__(self, tenant, device, storage, clock, rng, opener, config=None, codec=None,
-                 ota=None, log=None):
+                 ota=None, log=None, identity=None):
         """storage: board.esp32.FlashStorage; clock: now_ms() and ticks_ms();
         opener(): a stream to the broker (board.esp32_net.open_tls);
         ota: a board.esp32_ota.Esp32Ota whose transport is this agent's
-        link (build it with transport=None and the agent sets it), or None."""
+        link (build it with transport=None and the agent sets it), or None;
+        identity: a board.esp32_identity.Esp32Identity (enrollment,
+        rotation, recovery), or None: the certificate in opener's context
+        is the one used. With it, opener should take the context from
+        identity.device_context(), and the connection's client id and
+        answer topic follow the certificate in force."""
         self.identity = "%s/%s" % (tenant, device)
         self.storage = storage
         self.clock = clock
         self.log = log or _print
         self.core = telemetry.Telemetry(tenant, device, codec or cbor, rng, config)
         self.ota = ota
-        subscriptions = [ota.down_topic] if ota is not None else []
-        self.link = MqttLink(self.identity, subscriptions, opener, clock.ticks_ms, log=self.log)
+        self.id = identity
+        self.subscriptions = [ota.down_topic] if ota is not None else []
+        self.link = MqttLink(self.identity, self.subscriptions, opener, clock.ticks_ms, log=self.log)
         if ota is not None:
             ota.transport = self.link
         self.acked = 0            # telemetry records acknowledged since this boot (the trial's)
@@ -48,6 +56,8 @@ class Esp32Agent:
     def boot(self):
         if self.ota is not None:
             self.ota.boot()
+        if self.id is not None:
+            self.id.boot()
         self.execute(self.core.boot(self.storage.read("state"), self.storage.read("queue")))
 
     def sample(self, readings):
@@ -60,25 +70,55 @@ class Esp32Agent:
         """One pass: the core's clock, the network, then the update driver."""
         self.feed(events.Tick(self.clock.now_ms()))
         for what in self.link.poll():
-            kind = what[0]
-            if kind == "up":
-                self.feed(events.Connected(self.clock.now_ms()))
-                if self.ota is not None:
-                    self.ota.connected()
-            elif kind == "message":
-                if self.ota is not None and what[1] == self.ota.down_topic:
-                    self.ota.on_message(what[2])
-            elif kind == "acked":
-                if what[1] is not None:           # a telemetry record's (update reports carry None)
-                    self.acked += 1
-                    self.feed(events.PubAcked(what[1]))
-            elif kind == "down":
-                self.lost += 1
-                self.log("link down: %s" % what[1])
-                if self.core.state != telemetry.OFFLINE:
-                    self.feed(events.ConnectionLost(self.clock.now_ms(), what[1]))
+            self._link_event(what)
+        if self.id is not None:
+            self.id.poll()
+            self._carry_identity()
         if self.ota is not None:
             self.ota.poll(self.acked)
+
+    def _link_event(self, what):
+        kind, now = what[0], self.clock.now_ms()
+        if kind == "up":
+            self.feed(events.Connected(now))
+            self._to_identity(events.Connected(now))
+            if self.ota is not None:
+                self.ota.connected()
+        elif kind == "message":
+            if self.ota is not None and what[1] == self.ota.down_topic:
+                self.ota.on_message(what[2])
+            elif self.id is not None and what[1] == self.id.answer_topic():
+                self._to_identity(events.Message(now, what[1], what[2]))
+        elif kind == "acked":
+            token = what[1]
+            if isinstance(token, tuple) and token[0] == ID_TOKEN:
+                self._to_identity(events.PubAcked(token[1]))
+            elif token is not None:               # a telemetry record's (update reports carry None)
+                self.acked += 1
+                self.feed(events.PubAcked(token))
+        elif kind == "down":
+            self.lost += 1
+            self.log("link down: %s" % what[1])
+            if self.core.state != telemetry.OFFLINE:
+                self.feed(events.ConnectionLost(now, what[1]))
+            self._to_identity(events.Refused(now, what[2]) if what[2] is not None
+                              else events.ConnectionLost(now, what[1]))
+
+    def _to_identity(self, event):
+        if self.id is not None:
+            self.id.on_link(event)
+            self._carry_identity()
+
+    def _carry_identity(self):
+        """The identity core's publishes go out on this link; a new
+        certificate means connecting again (the telemetry core's backoff
+        says when; opener takes the new context)."""
+        out, reconnect = self.id.take()
+        for action in out:
+            token = None if action.token is None else (ID_TOKEN, action.token)
+            self.link.publish(action.topic, action.payload, token)
+        if reconnect and self.link.state != "down":
+            self.link.close("reconnecting with another certificate")
 
     def busy(self):
         """Work waits (a signature step, slot reads): the loop should not sleep."""
@@ -109,9 +149,21 @@ class Esp32Agent:
             elif isinstance(action, WriteAtomic):
                 self.storage.write_atomic(action.name, action.data)
             elif isinstance(action, Connect):
-                self.link.open()
+                self._open()
             elif isinstance(action, Log):
                 self.log("%s: %s" % (action.code, action.detail))
+
+
+    def _open(self):
+        if self.id is not None:
+            if not self.id.ready():
+                # Enrolling or recovering on the claim endpoint: no device
+                # certificate to connect with yet; the core backs off.
+                self.feed(events.ConnectionLost(self.clock.now_ms(), "no device certificate yet"))
+                return
+            self.link.client_id = self.id.client_id()
+            self.link.subscriptions = self.subscriptions + [self.id.answer_topic()]
+        self.link.open()
 
 
 def _print(text):

@@ -18,8 +18,12 @@ a refused CONNECT or subscription, no CONNACK/SUBACK within
 CONNECT_TIMEOUT_MS, no PINGRESP within the keepalive, or no PUBACK within
 ACK_TIMEOUT_MS; nothing is retried here: the telemetry core's backoff says
 when to open again, and its queue resends what was not acknowledged.
-"refused" in the down event is the CONNACK refusal ("not_authorized"), or
-None: the identity core tells refusals from losses by it.
+"refused" in the down event is what the broker said of the certificate:
+the CONNACK refusal ("not_authorized"), a failed TLS handshake
+(board/identity_board.py refusal_reason: "cert_expired", ...), or "closed"
+for a connection closed before any CONNACK (TLS 1.3 refuses a client
+certificate so); None for a loss. The identity core tells refusals from
+losses by it.
 
 open_tls(host, port, ctx) makes the stream on MicroPython (socket + tls,
 DER credentials: tls_context) and on CPython (socket + ssl, the tests run
@@ -39,6 +43,7 @@ import time
 from agent import mqtt
 from agent.errors import MQTTError
 from agent.ota_wire import DOWN_BYTES_MAX
+from board.identity_board import refusal_reason
 
 CONNECT_TIMEOUT_MS = const(10000)     # for the CONNACK and the SUBACK
 ACK_TIMEOUT_MS = const(15000)         # for a PUBACK, past it the link is taken for dead
@@ -109,7 +114,11 @@ class MqttLink:
             return
         try:
             self.stream = self.opener()
-        except OSError as e:              # ssl.SSLError too (CPython): a subclass
+        except TlsRefused as e:           # the handshake failed: what it says of our certificate
+            self.stream = None
+            self.events.append(("down", "TLS handshake failed: %s" % e, refusal_reason(e)))
+            return
+        except OSError as e:
             self.stream = None
             self.events.append(("down", "connect failed: %s" % _describe(e), None))
             return
@@ -179,15 +188,18 @@ class MqttLink:
 
     def _read(self):
         for _ in range(READS_PER_POLL_MAX):
+            # TLS 1.3 refuses a client certificate after the handshake, by
+            # closing: a close before the CONNACK is reported as a refusal.
+            early = None if self.accepted else "closed"
             try:
                 data = self.stream.recv(READ_BYTES)
             except OSError as e:
-                self.close("read failed: %s" % _describe(e))
+                self.close("read failed: %s" % _describe(e), early)
                 return
             if data is None:
                 return                   # nothing more for now
             if not data:
-                self.close("closed by the broker")
+                self.close("closed by the broker", early)
                 return
             try:
                 packets = self.parser.feed(data)
@@ -318,6 +330,10 @@ class Stream:
             self.raw.close()
 
 
+class TlsRefused(OSError):
+    """The TLS handshake failed (after the TCP connection was made)."""
+
+
 def _would_block(error):
     name = type(error).__name__
     if name in ("SSLWantReadError", "SSLWantWriteError", "BlockingIOError"):
@@ -334,7 +350,14 @@ def open_tls(host, port, ctx, timeout_s=10):
     try:
         raw.settimeout(timeout_s)
         raw.connect(addr)
+    except BaseException:
+        raw.close()
+        raise
+    try:
         sock = ctx.wrap_socket(raw, server_hostname=host)
+    except OSError as e:              # ssl.SSLError (CPython), mbedTLS errors (MicroPython)
+        raw.close()
+        raise TlsRefused(str(e))
     except BaseException:
         raw.close()
         raise

@@ -334,6 +334,7 @@ def test_a_connect_that_fails_is_a_down_event_not_an_exception():
 MPY_SESSION = r'''
 from agent import mqtt
 from board import esp32_net
+from board import esp32_identity          # the identity driver imports on the port too
 
 class Pipe:
     """Both ends in memory: what the link sends, what the broker answers."""

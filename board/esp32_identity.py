@@ -1,0 +1,192 @@
+"""The identity core (agent/enroll.py) on the ESP32, polled from the agent's
+loop (board/esp32_agent.py): enrollment by claim and recovery of an expired
+certificate over a link of its own to the claim endpoint, rotation before
+expiry over the agent's link to the device endpoint. Portable.
+
+    identity = Esp32Identity(core, FlashStorage("/id"), keystore, contexts,
+                             {"host": HOST, "device_port": 8883, "prov_port": 8884},
+                             clock.ticks_ms, clock.now_ms)
+    agent = Esp32Agent(..., identity=identity)    # the agent boots and polls it
+
+contexts gives TLS client contexts: device(name, cert_der) for the key in
+keystore slot `name` and its certificate (on MicroPython
+board.esp32_net.tls_context(ca, cert, keystore.tls_key_der(name))), and
+claim() for the batch's claim certificate (None on a board that has none:
+it cannot enroll or recover, only rotate).
+
+What the agent asks of it: ready() (a device certificate to connect with),
+client_id(), answer_topic(), device_context(); on_link(event) with the
+agent's link's Connected, ConnectionLost, Refused, Message (answer topic)
+and PubAcked; poll() once per pass (the core's clock, the claim link);
+take() -> (Publish actions for the agent's link, reconnect: the agent's
+connection must be made again with device_context()).
+
+Key generation and signing run in one go (agent/p256sign.py on the ESP32:
+seconds, once per certificate lifetime); the loop waits meanwhile.
+"""
+
+from agent import enroll
+from agent.actions import Log, Publish, UseIdentity
+from agent.errors import LocalError
+from agent.events import Connected, ConnectionLost, Message, PubAcked, Refused, Tick
+from board.esp32_net import MqttLink, open_tls
+from board.identity_board import IdentityBoard
+
+CLAIM_RETRY_MS = 5000         # the claim endpoint's link, opened again after a loss
+
+
+class Esp32Identity:
+    def __init__(self, core, storage, keystore, contexts, endpoints, ticks_ms, now_ms, log=None):
+        self.core = core
+        self.board = IdentityBoard(storage, keystore)
+        self.storage = storage
+        self.contexts = contexts
+        self.endpoints = endpoints
+        self.ticks_ms = ticks_ms
+        self.now_ms = now_ms
+        self.log = log or _no_log
+        self.use = None           # the core's latest UseIdentity
+        self.failed = False       # the core raised: nothing more is fed (telemetry goes on)
+        self.out = []             # Publish actions for the agent's link
+        self.reconnect = False
+        self.claim_link = None    # MqttLink to the claim endpoint while the core is there
+        self.claim_retry_ms = None
+
+    # -- the agent's side -----------------------------------------------------------
+
+    def boot(self):
+        self._run(lambda: self.core.boot(self.storage.read(enroll.RECORD_FILE)))
+
+    def ready(self):
+        """A device certificate to connect to the device endpoint with (none
+        while the core works on the claim endpoint: enrolling, recovering)."""
+        if self.failed:           # the certificate in force, whatever the core was doing
+            return self.core.record.get("a") is not None
+        return self.use is not None and self.use.name is not None
+
+    def _device_use(self):
+        if self.use is not None and self.use.name is not None:
+            return self.use
+        a = self.core.record.get("a")
+        return UseIdentity(a["k"], a["cert"])
+
+    def client_id(self):
+        """The identity of the certificate the next connection presents."""
+        use = self._device_use()
+        for key in ("c", "a"):
+            entry = self.core.record.get(key)
+            if entry is not None and entry["k"] == use.name and entry["cert"] == use.cert:
+                return entry["id"]
+        return self.core.identity
+
+    def answer_topic(self):
+        return enroll.device_topics(self.client_id())[1]
+
+    def device_context(self):
+        use = self._device_use()
+        return self.contexts.device(use.name, use.cert)
+
+    def on_link(self, event):
+        """An event of the agent's link (the device endpoint)."""
+        if self.use is not None and self.use.name is None:
+            return                # the core is on the claim endpoint: not its link
+        self._run(lambda: self.core.handle(event))
+
+    def poll(self):
+        self._run(lambda: self.core.handle(Tick(self.now_ms())))
+        link = self.claim_link
+        if link is None:
+            return
+        if link.state == "down" and self.claim_retry_ms is not None and \
+                _ticks_diff(self.ticks_ms(), self.claim_retry_ms) >= 0:
+            self.claim_retry_ms = None
+            link.open()
+        for what in link.poll():
+            self._claim_event(what)
+
+    def take(self):
+        out, self.out = self.out, []
+        reconnect, self.reconnect = self.reconnect, False
+        return out, reconnect
+
+    # -- inside -----------------------------------------------------------------------
+
+    def _claim_event(self, what):
+        kind = what[0]
+        if kind == "up":
+            event = Connected(self.now_ms())
+        elif kind == "message":
+            event = Message(self.now_ms(), what[1], what[2])
+        elif kind == "acked":
+            if what[1] is None:
+                return
+            event = PubAcked(what[1])
+        else:
+            self.claim_retry_ms = _ticks_add(self.ticks_ms(), CLAIM_RETRY_MS)
+            event = Refused(self.now_ms(), what[2]) if what[2] is not None \
+                else ConnectionLost(self.now_ms(), what[1])
+        self._run(lambda: self.core.handle(event))
+
+    def _run(self, step):
+        if self.failed:
+            return
+        try:
+            actions = self.board.run(self.core, step())
+        except LocalError as e:   # a driver bug: stop the identity, keep the telemetry going
+            self.failed = True
+            self.log("identity core failed: %s" % e)
+            return
+        for action in actions:
+            if isinstance(action, UseIdentity):
+                self._use(action)
+            elif isinstance(action, Publish):
+                if self.use is not None and self.use.name is None:
+                    if self.claim_link is not None:
+                        self.claim_link.publish(action.topic, action.payload, action.token)
+                else:
+                    self.out.append(action)
+            elif isinstance(action, Log):
+                self.log("identity %s: %s" % (action.code, action.detail))
+
+    def _use(self, action):
+        self.use = action
+        if action.name is None:   # the claim endpoint: a link of our own
+            if self.claim_link is None:
+                self.claim_link = self._claim_link()
+            if self.claim_link is not None:
+                self.claim_link.close("reconnecting")
+                self.claim_retry_ms = None
+                self.claim_link.poll()        # drop the close's own event
+                self.claim_link.open()
+            else:
+                self.log("identity: the claim endpoint is needed (%s) and this board has no claim "
+                         "certificate" % (self.core.last_reason or "enrolling"))
+            return
+        if self.claim_link is not None:       # back to the device endpoint
+            self.claim_link.close("done with the claim endpoint")
+            self.claim_link.poll()
+            self.claim_link = None
+        self.reconnect = True
+
+    def _claim_link(self):
+        ctx = self.contexts.claim()
+        if ctx is None:
+            return None
+        cfg = self.core.config
+        ep = self.endpoints
+        return MqttLink(cfg.hwid, [enroll.claim_topics(cfg.claim, cfg.hwid)[1]],
+                        lambda: open_tls(ep["host"], ep["prov_port"], ctx), self.ticks_ms, log=self.log)
+
+
+def _no_log(text):
+    pass
+
+
+try:
+    from time import ticks_add as _ticks_add, ticks_diff as _ticks_diff
+except ImportError:           # CPython (the tests)
+    def _ticks_add(a, b):
+        return a + b
+
+    def _ticks_diff(a, b):
+        return a - b
