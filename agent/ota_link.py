@@ -132,8 +132,13 @@ class OtaLink:
         for payload in waiting:
             self.last_report = self.send(payload)
         u = self.updater
-        # The cloud answers the hello with the offer again; the updater asks for its cursor.
+        # The cloud answers the hello with the offer again, and the updater
+        # asks for its cursor then; it asks at once too (Resend): if the
+        # release was withdrawn while the device was away no offer comes, and
+        # the cloud's answer to this request is the cancel.
         self.resuming = u is not None and u.state in (up.DOWNLOADING, up.PAGING) and u.boot.cursor > 0
+        if u is not None and u.state in (up.DOWNLOADING, up.PAGING) and not self.reboot_pending:
+            self.run(self.handle(up.Resend()))
 
     def hello_due(self, ticks_ms):
         if not self.welcomed and self.hellos < HELLO_TRIES_MAX and \

@@ -20,6 +20,7 @@
 #   paging      --Page--> downloading, or resuming | rejected (bad page)
 #               --Offer of another release--> verifying (this one rejected
 #                                                   "superseded": its cancel was lost)
+#   downloading, paging --Resend (a reconnect)--> the same, its request again
 #   resuming    --SlotRead...-> downloading       (at the first chunk the slot
 #                                                   does not hold) | checking
 #   checking    --SlotRead N--> verified          | downloading (from the first
@@ -161,6 +162,14 @@ class Cancel(Value):
 
     def __init__(self, ref):
         self.ref = ref
+
+
+class Resend(Value):
+    """The link is back (a reconnect): ask again for what the download waits
+    for. Its request may have been lost with the old connection, and a
+    release withdrawn meanwhile is not offered again, so no Offer comes to
+    ask for it: the cloud's answer to this request (a cancel) ends it."""
+    __slots__ = ()
 
 
 class Step(Value):
@@ -351,10 +360,12 @@ TRANSITIONS = {
     (PAGING, Page): "_page",
     (PAGING, Offer): "_rerequest",
     (PAGING, Cancel): "_cancel",
+    (PAGING, Resend): "_resend",
+    (DOWNLOADING, Resend): "_resend",
     (TRIAL, Healthy): "_healthy",
     (TRIAL, Tick): "_tick",
 }
-_IGNORED = (Chunk, Page, Healthy, Tick, Offer, Cancel, Step)   # late or repeated network input elsewhere
+_IGNORED = (Chunk, Page, Healthy, Tick, Offer, Cancel, Step, Resend)   # late or repeated network input elsewhere
 
 # The fields each event must carry, checked before any transition.
 _EVENT_FIELDS = {
@@ -539,6 +550,10 @@ class Updater:
         the device was away): drop it and take the new one."""
         if event.ref != self.boot.ref:
             return self._reject("superseded") + self._offer(event)
+        return self._resend(event)
+
+    def _resend(self, event):
+        """What the download waits for, asked again."""
         if self.state == PAGING:
             return [RequestPage(self._verifier.page_needed())]
         return [RequestChunk(self.boot.cursor)]

@@ -165,6 +165,20 @@ def test_offers_and_cancels_become_events_except_while_a_reboot_is_pending():
 
 # ---------------------------------------------------------------- resuming
 
+def test_a_reconnect_mid_download_asks_again_at_once():
+    """Resend after the hello: the request of the old connection may be lost,
+    and a release the cloud gave up on is offered no more."""
+    for state in (up.DOWNLOADING, up.PAGING):
+        link = MemLink()
+        link.updater = StubUpdater(state, "r", 5)
+        link.connect()
+        assert link.updater.events == [up.Resend()]
+    link = MemLink()
+    link.updater = StubUpdater(up.IDLE)
+    link.connect()
+    assert link.updater.events == []
+
+
 def test_a_download_resumed_after_a_reconnect_is_counted_once():
     link = MemLink()
     link.updater = StubUpdater(up.DOWNLOADING, "r", 5)

@@ -28,6 +28,9 @@ from agent import cbor
 from agent import manifest as mf
 from agent import updater as up
 from agent import ota_wire as wire
+from agent.ota_link import OtaLink
+from board.sim import SimFlash
+from board.slots import BOOT_STATE, SLOT_NAMES, SimSlots
 from cloud import firmware
 from cloud import ota_service as ota
 from cloud import rollout_plan as rp
@@ -329,6 +332,65 @@ def test_core_pages_only_while_offered(core):
                                  ("cancel", {"ref": PAGED_ID, "why": "not offered now"})]
     assert core.counts["page_served"] == core.counts["chunk_served"] == 0
     assert [r["code"] for r in core.refusals] == ["not_offered"] * 4
+
+
+class WiredDevice(OtaLink):
+    """The real update machine on the sim board, its messages going straight
+    to an OtaCore (no broker) while online; answers wait in `inbox` until
+    pump() delivers them, so a test can cut the link between any two."""
+
+    def __init__(self, core):
+        flash = SimFlash(capacity_bytes=4 << 20)
+        flash.files[SLOT_NAMES[0]] = bytearray(ota_drill.build_firmware(seed=1)[0].releases[ota_drill.FACTORY][0])
+        flash.files[BOOT_STATE] = bytearray(up.BootState(active=0, sv=1, ksv=1).encode())
+        OtaLink.__init__(self, ME, HW, "site-0", SimSlots(flash))
+        self.core, self.online, self.inbox, self.steps = core, True, [], 0
+        self.version = ota_drill.FACTORY
+        self.booted(up.Updater(up.Config(HW, ff.root_public_key(), k=2)), *self.slots.boot())
+
+    def publish(self, payload):
+        if not self.online:
+            return None
+        self.inbox += [p for _, p in self.core.on_message("t/%s/ota" % ME, payload, now_ms())]
+        return True
+
+    def step_later(self):
+        self.steps += 1
+
+    def reboot_later(self):
+        pass
+
+    def pump(self, until):
+        for _ in range(5000):
+            if until():
+                return True
+            if self.steps:
+                self.steps -= 1
+                self.step_now()
+            elif self.inbox:
+                self.received(self.inbox.pop(0), now_ms())
+            else:
+                return until()
+        return until()
+
+
+def test_a_download_whose_release_was_withdrawn_while_offline_ends_at_the_reconnect(core):
+    """The device is away mid-download (its requests lost) until the engine
+    gives up on it (no report within reach_s: "unreached"): no offer comes
+    after its hello, so only its own request, asked again at the reconnect
+    (Resend), can bring the cloud's cancel. Before that it waited in
+    "downloading" until some other release was offered."""
+    dev = WiredDevice(core)
+    dev.link_up(0)
+    assert dev.pump(lambda: dev.updater.state == up.DOWNLOADING and dev.updater.boot.cursor >= 3)
+    dev.online, dev.inbox = False, []                     # gone: what was in flight is lost
+    core.tick(now_ms() + (PLAN["reach_s"] + 60) * 1000)  # away too long: the engine gives up on it
+    assert core.engine.offer_for(ME) is None
+    dev.online = True
+    dev.link_up(0)                                        # back: hello, and the request again
+    assert dev.pump(lambda: dev.updater.state == up.REJECTED)
+    assert dev.updater.boot.reason == "cancelled" and dev.updater.boot.active == 0
+    assert dev.errors == {"not_offered": 1} and core.refusals[-1]["code"] == "not_offered"
 
 
 @pytest.mark.parametrize("op, i", [("page", 3), ("page", mf.PAGES_MAX - 1), ("chunk", PAGED_CHUNKS),

@@ -97,6 +97,7 @@ events = st.one_of(
     st.builds(up.Tick, now_ms),
     st.builds(up.Cancel, st.one_of(st.sampled_from(["", "rel-1"]), garbage)),
     st.just(up.Step()),
+    st.just(up.Resend()),
     garbage,                                          # not an event at all
     st.sampled_from([up.Reboot(), up.RequestChunk(0), up.RequestPage(0), up.StepLater(), object()]),
 )
@@ -139,7 +140,7 @@ def test_each_state_with_each_well_formed_event_kind(state):
     """The table, exhaustively: for each pair, which outcome (no Hypothesis)."""
     kinds = [up.Booted(0, None), up.Offer(b"x", NOW_MS), up.Chunk(1, PARTS[1]),
              up.SlotRead(0, PARTS[0]), up.Healthy(3, NOW_MS), up.Tick(NOW_MS), up.Cancel(""),
-             up.Step(), up.Page(0, PAGE)]
+             up.Step(), up.Page(0, PAGE), up.Resend()]
     for event in kinds:
         u = machine(state)
         accepted = (state, type(event)) in up.TRANSITIONS
