@@ -43,7 +43,8 @@ log = logging.getLogger("tether.ota")
 
 REPORTS_KEPT_MAX = 10000            # recent reports kept in memory (the engine keeps the record)
 REFUSALS_KEPT_MAX = 1000            # recent refusals kept in memory (every one is logged)
-RELEASES_CACHED_MAX = 8             # (bundle, payload), and chunk tables, kept in memory for serving
+RELEASES_CACHED_MAX = 8             # (bundle, payload), and chunk tables, kept in memory for serving ...
+CACHE_BYTES_MAX = 512 << 20         # ... and at most this many bytes of each (the newest always kept)
 TICK_S_DEFAULT = 1.0
 START_TIMEOUT_S = 10.0
 
@@ -204,14 +205,21 @@ class OtaCore:
 
 
 def _cached(cache, release, make):
-    """cache[release], made on a miss; the least recently used go past RELEASES_CACHED_MAX."""
+    """cache[release], made on a miss; the least recently used go past
+    RELEASES_CACHED_MAX entries or CACHE_BYTES_MAX bytes (224 MiB images:
+    a count alone would not bound the memory)."""
     if release in cache:
         cache.move_to_end(release)
         return cache[release]
     value = cache[release] = make()
-    while len(cache) > RELEASES_CACHED_MAX:
+    while len(cache) > 1 and (len(cache) > RELEASES_CACHED_MAX
+                              or sum(_bytes_of(v) for v in cache.values()) > CACHE_BYTES_MAX):
         cache.popitem(last=False)
     return value
+
+
+def _bytes_of(value):
+    return sum(len(v) for v in value) if isinstance(value, tuple) else len(value)
 
 
 def _now_ms():

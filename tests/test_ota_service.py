@@ -318,6 +318,16 @@ def test_core_computes_a_chunk_table_once_and_keeps_a_few(core, monkeypatch):
     assert list(core.tables) == [release_id(HW, ota_drill.GOOD)] and len(core.cache) == 1
     assert ask(core, "page", i=0)[0][0] == "page"
     assert list(core.tables) == [PAGED_ID] and len(made) == 3
+    # Bounded in bytes too: a release over the bound alone is kept (it is being served).
+    monkeypatch.setattr(ota, "RELEASES_CACHED_MAX", 8)
+    good = release_id(HW, ota_drill.GOOD)
+    both = sum(len(b) for r in (PAGED_ID, good) for b in core.blobs(r))
+    for bound, kept in ((both, [PAGED_ID, good]), (both - 1, [good]), (1, [good])):
+        monkeypatch.setattr(ota, "CACHE_BYTES_MAX", bound)
+        core.cache.clear()
+        core.blobs(PAGED_ID)
+        core.blobs(good)
+        assert list(core.cache) == kept, bound          # over the bound the older goes, never the newest
 
 
 def test_core_pages_only_while_offered(core):
