@@ -28,11 +28,10 @@ seconds, once per certificate lifetime); the loop waits meanwhile.
 from agent import enroll
 from agent.actions import Log, Publish, UseIdentity
 from agent.errors import LocalError
-from agent.events import Connected, ConnectionLost, Message, PubAcked, Refused, Tick
-from board.esp32_net import MqttLink, open_tls
+from agent.events import Tick
+from board.claim_link import ClaimLink
+from board.esp32_net import open_tls
 from board.identity_board import IdentityBoard
-
-CLAIM_RETRY_MS = 5000         # the claim endpoint's link, opened again after a loss
 
 
 class Esp32Identity:
@@ -49,8 +48,7 @@ class Esp32Identity:
         self.failed = False       # the core raised: nothing more is fed (telemetry goes on)
         self.out = []             # Publish actions for the agent's link
         self.reconnect = False
-        self.claim_link = None    # MqttLink to the claim endpoint while the core is there
-        self.claim_retry_ms = None
+        self.claim = None         # board/claim_link.py ClaimLink while the core is on the claim endpoint
 
     # -- the agent's side -----------------------------------------------------------
 
@@ -94,15 +92,9 @@ class Esp32Identity:
 
     def poll(self):
         self._run(lambda: self.core.handle(Tick(self.now_ms())))
-        link = self.claim_link
-        if link is None:
-            return
-        if link.state == "down" and self.claim_retry_ms is not None and \
-                _ticks_diff(self.ticks_ms(), self.claim_retry_ms) >= 0:
-            self.claim_retry_ms = None
-            link.open()
-        for what in link.poll():
-            self._claim_event(what)
+        if self.claim is not None:
+            for event in self.claim.poll():
+                self._run(lambda: self.core.handle(event))
 
     def take(self):
         out, self.out = self.out, []
@@ -110,22 +102,6 @@ class Esp32Identity:
         return out, reconnect
 
     # -- inside -----------------------------------------------------------------------
-
-    def _claim_event(self, what):
-        kind = what[0]
-        if kind == "up":
-            event = Connected(self.now_ms())
-        elif kind == "message":
-            event = Message(self.now_ms(), what[1], what[2])
-        elif kind == "acked":
-            if what[1] is None:
-                return
-            event = PubAcked(what[1])
-        else:
-            self.claim_retry_ms = _ticks_add(self.ticks_ms(), CLAIM_RETRY_MS)
-            event = Refused(self.now_ms(), what[2]) if what[2] is not None \
-                else ConnectionLost(self.now_ms(), what[1])
-        self._run(lambda: self.core.handle(event))
 
     def _run(self, step):
         if self.failed:
@@ -141,8 +117,8 @@ class Esp32Identity:
                 self._use(action)
             elif isinstance(action, Publish):
                 if self.use is not None and self.use.name is None:
-                    if self.claim_link is not None:
-                        self.claim_link.publish(action.topic, action.payload, action.token)
+                    if self.claim is not None:
+                        self.claim.publish(action)
                 else:
                     self.out.append(action)
             elif isinstance(action, Log):
@@ -151,42 +127,27 @@ class Esp32Identity:
     def _use(self, action):
         self.use = action
         if action.name is None:   # the claim endpoint: a link of our own
-            if self.claim_link is None:
-                self.claim_link = self._claim_link()
-            if self.claim_link is not None:
-                self.claim_link.close("reconnecting")
-                self.claim_retry_ms = None
-                self.claim_link.poll()        # drop the close's own event
-                self.claim_link.open()
+            if self.claim is None:
+                self.claim = self._claim()
+            if self.claim is not None:
+                self.claim.start()
             else:
                 self.log("identity: the claim endpoint is needed (%s) and this board has no claim "
                          "certificate" % (self.core.last_reason or "enrolling"))
             return
-        if self.claim_link is not None:       # back to the device endpoint
-            self.claim_link.close("done with the claim endpoint")
-            self.claim_link.poll()
-            self.claim_link = None
+        if self.claim is not None:            # back to the device endpoint
+            self.claim.stop()
+            self.claim = None
         self.reconnect = True
 
-    def _claim_link(self):
+    def _claim(self):
         ctx = self.contexts.claim()
         if ctx is None:
             return None
-        cfg = self.core.config
         ep = self.endpoints
-        return MqttLink(cfg.hwid, [enroll.claim_topics(cfg.claim, cfg.hwid)[1]],
-                        lambda: open_tls(ep["host"], ep["prov_port"], ctx), self.ticks_ms, log=self.log)
-
+        return ClaimLink(self.core.config, lambda: open_tls(ep["host"], ep["prov_port"], ctx),
+                         self.ticks_ms, self.now_ms, self.log)
 
 def _no_log(text):
     pass
 
-
-try:
-    from time import ticks_add as _ticks_add, ticks_diff as _ticks_diff
-except ImportError:           # CPython (the tests)
-    def _ticks_add(a, b):
-        return a + b
-
-    def _ticks_diff(a, b):
-        return a - b

@@ -341,9 +341,10 @@ def _would_block(error):
     return error.args and error.args[0] in (11, 115, -26880, -26752)   # EAGAIN, EINPROGRESS, mbedTLS WANT_READ/WRITE
 
 
-def open_tls(host, port, ctx, timeout_s=10):
+def open_tls(host, port, ctx, timeout_s=10, server_name=None):
     """A Stream to host:port through TLS context ctx (the device's
-    certificate and key loaded, the cloud's CA to verify the broker)."""
+    certificate and key loaded, the cloud's CA to verify the broker);
+    server_name: the name the broker's certificate must have (host's)."""
     import socket
     addr = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0][-1]
     raw = socket.socket()
@@ -354,7 +355,7 @@ def open_tls(host, port, ctx, timeout_s=10):
         raw.close()
         raise
     try:
-        sock = ctx.wrap_socket(raw, server_hostname=host)
+        sock = ctx.wrap_socket(raw, server_hostname=server_name or host)
     except OSError as e:              # ssl.SSLError (CPython), mbedTLS errors (MicroPython)
         raw.close()
         raise TlsRefused(str(e))

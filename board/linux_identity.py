@@ -13,15 +13,15 @@ and the messages on the answer topic of the connection it made with
 `context()`.
 
 UseIdentity(None) (the claim endpoint) is a recovery: with `recovery`
-given, board/enroller.py's Enroller carries it out on its own connection
-while the loop waits (at most RECOVER_TIMEOUT_S; telemetry stays queued,
-no samples are taken meanwhile), retried every RECOVER_RETRY_S until it
-succeeds. Without `recovery` the core is left waiting for the claim
-endpoint: logged as an error, and telemetry goes on with the certificate
-in force.
+given, the core works over a connection of its own to the claim endpoint
+(board/claim_link.py, polled from the loop's Tick: the loop goes on,
+samples are taken and queued meanwhile; the link is opened again after a
+loss) until it asks for the new certificate, which LinuxAgent then
+connects with. Without `recovery` the core is left waiting for the claim
+endpoint: logged as an error every RECOVER_RETRY_S, and telemetry goes on
+with the certificate in force.
 """
 
-import asyncio
 import logging
 import time
 
@@ -32,11 +32,13 @@ from agent import enroll
 from agent.actions import Log, Publish, UseIdentity
 from agent.errors import LocalError
 from agent.events import ConnectionLost, Tick
-from board.enroller import Enroller, IdentityBoard
+from board.claim_link import ClaimLink
+from board.enroller import claim_context
+from board.esp32_net import open_tls
+from board.identity_board import IdentityBoard
 
 CERT_FILE = "identity.crt"     # the active certificate (PEM), for people and other tools
-RECOVER_TIMEOUT_S = 60         # one recovery through the claim endpoint, at most
-RECOVER_RETRY_S = 60           # then the next try, no sooner
+RECOVER_RETRY_S = 60           # without the claim options: the error said again this often
 
 
 def pem(cert):
@@ -73,8 +75,9 @@ class LinuxIdentity:
         self.use = None            # the core's latest UseIdentity (name None: the claim endpoint)
         self.device_use = None     # its latest with a device certificate: what LinuxAgent presents
         self.failed = False        # the core raised: it sits in ERROR, nothing more is fed
-        self.recover_at_ms = 0     # waiting for the claim endpoint: when to try it (again)
+        self.recover_at_ms = 0     # without recovery: when to say the claim endpoint is needed again
         self.cert_written = None   # the active certificate identity.crt holds
+        self.claim = None          # board/claim_link.py ClaimLink while the core is on the claim endpoint
 
     @property
     def answer_topic(self):
@@ -103,8 +106,8 @@ class LinuxIdentity:
             return []
         if not self.on_device_endpoint:
             # Link events of LinuxAgent's connection are not the claim
-            # endpoint's: only Tick, to retry a recovery.
-            return self._recover_tick(event.now_ms) if isinstance(event, Tick) else []
+            # endpoint's: only Tick, which also turns the claim link.
+            return self._claim_tick(event) if isinstance(event, Tick) else []
         return self._run(lambda: self.core.handle(event), type(event).__name__)
 
     def _run(self, step, what):
@@ -120,14 +123,22 @@ class LinuxIdentity:
                 self.log.info("identity %s: %s", action.code, action.detail)
             elif isinstance(action, UseIdentity):
                 self.use = action
-                if action.name is not None:
-                    self.device_use = action
-                else:
-                    self.recover_at_ms = 0
-                    break                 # the rest belongs to the claim endpoint's connection
+                if action.name is None:
+                    self._to_claim_endpoint()
+                    continue
+                self.device_use = action
+                if self.claim is not None:        # done there: LinuxAgent connects with it
+                    self.claim.stop()
+                    self.claim = None
+                    self._run(lambda: self.core.handle(ConnectionLost(self.clock.now_ms(),
+                                                                      "the claim endpoint's link closed")),
+                              "ConnectionLost")
                 out.append(action)
             elif isinstance(action, Publish):
-                out.append(action)
+                if self.on_device_endpoint:
+                    out.append(action)
+                elif self.claim is not None:
+                    self.claim.publish(action)
         self._write_cert()
         return out
 
@@ -141,38 +152,33 @@ class LinuxIdentity:
 
     # -- recovery through the claim endpoint ----------------------------------------
 
-    def _recover_tick(self, now_ms):
-        if now_ms < self.recover_at_ms:
-            return []
-        self.recover_at_ms = now_ms + RECOVER_RETRY_S * 1000
-        if self.recovery is None:
-            self.log.error("the certificate must be recovered through the claim endpoint (%s), and run "
-                           "was not given --prov-url, --claim-cert, --claim-key and --hwid: telemetry goes "
-                           "on with the certificate in force; run `tether agent enroll` (it recovers) or "
-                           "restart with those options", self.core.last_reason or "refused or expired")
-            return []
+    def _to_claim_endpoint(self):
+        if self.recovery is None:             # said at the next Tick (and every RECOVER_RETRY_S)
+            return
         r = self.recovery
-        self.log.info("recovering the certificate through the claim endpoint %s:%d",
-                      r.endpoints["host"], r.endpoints["prov_port"])
-        enroller = Enroller(self.core, self.board, r.endpoints, r.claim, self.clock.now_ms, r.hwid)
-        try:
-            ok = asyncio.run(enroller.run(timeout_s=RECOVER_TIMEOUT_S, actions=[self.use]))
-        except LocalError as e:
-            self.failed = True
-            self.log.error("identity core failed while recovering: %s", e)
-            return []
-        for code, detail in enroller.log:
-            self.log.info("identity %s: %s", code, detail)
-        # The core's connection is the one the Enroller ended on: a device
-        # certificate (proven, or a candidate it did not get to prove) is
-        # LinuxAgent's to connect with now; the claim endpoint is tried again
-        # at recover_at_ms.
-        self.use = enroller.use
-        if self.on_device_endpoint:
-            self.device_use = self.use
-        self.core.handle(ConnectionLost(self.clock.now_ms(), "the recovery's connection closed"))
-        self._write_cert()
-        if not ok:
-            self.log.warning("recovery not done in %d s (state %s)%s", RECOVER_TIMEOUT_S, self.core.state,
-                             "" if self.on_device_endpoint else ": again in %d s" % RECOVER_RETRY_S)
-        return [self.use] if self.on_device_endpoint else []
+        if self.claim is None:
+            ctx = claim_context(r.endpoints["cafile"], r.claim)
+            self.claim = ClaimLink(self.core.config,
+                                   lambda: open_tls(r.endpoints["host"], r.endpoints["prov_port"], ctx,
+                                                    server_name=r.endpoints.get("server_name")),
+                                   self.clock.ticks_ms, self.clock.now_ms,
+                                   lambda text: self.log.info("claim endpoint: %s", text))
+        self.log.info("recovering the certificate through the claim endpoint %s:%d (%s)",
+                      r.endpoints["host"], r.endpoints["prov_port"], self.core.last_reason or "refused")
+        self.claim.start()
+
+    def _claim_tick(self, event):
+        """The core's clock, then what happened on its claim link."""
+        if self.claim is None:
+            if event.now_ms >= self.recover_at_ms:
+                self.recover_at_ms = event.now_ms + RECOVER_RETRY_S * 1000
+                self.log.error("the certificate must be recovered through the claim endpoint (%s), and "
+                               "run was not given --prov-url, --claim-cert, --claim-key and --hwid: "
+                               "telemetry goes on with the certificate in force; run `tether agent "
+                               "enroll` (it recovers) or restart with those options",
+                               self.core.last_reason or "refused or expired")
+            return self._run(lambda: self.core.handle(event), "Tick")
+        out = self._run(lambda: self.core.handle(event), "Tick")
+        for link_event in self.claim.poll() if self.claim is not None else ():
+            out += self._run(lambda: self.core.handle(link_event), type(link_event).__name__)
+        return out

@@ -189,6 +189,7 @@ async def test_run_recovers_an_expired_certificate_through_the_claim_endpoint(tm
         rc, out, err = await enroll(cloud, data, "hw-1")
         assert rc == 0, out + err
         first = cert_in_force(data).serial_number
+        first_cert = record(data)["a"]["cert"]
         cloud.provision_service.prov.cert_s = 600     # the recovered certificate lives longer
         expires_s = record(data)["a"]["exp"] / 1000
         assert await wait_until(lambda: time.time() > expires_s + 1, WAIT_S)  # the board is off meanwhile
@@ -196,6 +197,11 @@ async def test_run_recovers_an_expired_certificate_through_the_claim_endpoint(tm
                             "--claim-cert", cloud.claim[0], "--claim-key", cloud.claim[1], "--hwid", "hw-1").start()
         assert await wait_until(audited(cloud, "recover_issued"), WAIT_S), agent.err
         assert await wait_until(lambda: len(stored(cloud)) >= 3, WAIT_S), agent.err
+        # The loop samples on during the recovery (it no longer waits for it),
+        # so the queue floods in at once: wait for the cloud to hear the new
+        # certificate works (the record's "u" cleared), not only for samples.
+        assert await wait_until(lambda: record(data)["u"] is None and record(data)["a"]["cert"] != first_cert,
+                                WAIT_S), agent.err
         assert await agent.stop() == 0, agent.err
         rec = record(data)
         assert cert_in_force(data).serial_number != first and rec["u"] is None and rec["c"] is None
