@@ -12,19 +12,23 @@ and a Linux board (board/linux_identity.py) run it alike.
 
 The link (board/esp32_net.py MqttLink) connects with the batch's claim
 certificate (opener's TLS context) as the hardware id, subscribed to the
-answer topic; after a loss it is opened again RETRY_MS later.
+answer topic; after a loss it is opened again after a backoff with jitter
+(5 s doubling to 5 min, reset by an accepted connection).
 """
 
 from agent import enroll
+from agent.backoff import Backoff
 from agent.events import Connected, ConnectionLost, Message, PubAcked, Refused
 from board.esp32_net import MqttLink
 
-RETRY_MS = 5000               # the claim endpoint's link, opened again after a loss
+RETRY_BASE_MS = 5000          # the claim endpoint's link, opened again after a loss, backing off
+RETRY_CAP_MS = 300000         # ... with jitter, to at most 5 min (a fleet must not reconnect in step)
 
 
 class ClaimLink:
-    def __init__(self, config, opener, ticks_ms, now_ms, log=None):
+    def __init__(self, config, opener, ticks_ms, now_ms, rng, log=None):
         self.ticks_ms, self.now_ms = ticks_ms, now_ms
+        self.backoff = Backoff(rng, RETRY_BASE_MS, RETRY_CAP_MS)
         self.link = MqttLink(config.hwid, [enroll.claim_topics(config.claim, config.hwid)[1]], opener,
                              ticks_ms, log=log)
         self.retry_ms = None          # when to open again after a loss
@@ -58,6 +62,7 @@ class ClaimLink:
         for what in self.link.poll():
             kind = what[0]
             if kind == "up":
+                self.backoff.reset()
                 out.append(Connected(self.now_ms()))
             elif kind == "message":
                 out.append(Message(self.now_ms(), what[1], what[2]))
@@ -65,7 +70,7 @@ class ClaimLink:
                 if what[1] is not None:
                     out.append(PubAcked(what[1]))
             else:
-                self.retry_ms = _ticks_add(self.ticks_ms(), RETRY_MS)
+                self.retry_ms = _ticks_add(self.ticks_ms(), self.backoff.next_delay_ms())
                 out.append(Refused(self.now_ms(), what[2]) if what[2] is not None
                            else ConnectionLost(self.now_ms(), what[1]))
         return out

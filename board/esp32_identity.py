@@ -27,7 +27,6 @@ seconds, once per certificate lifetime); the loop waits meanwhile.
 
 from agent import enroll
 from agent.actions import Log, Publish, UseIdentity
-from agent.errors import LocalError
 from agent.events import Tick
 from board.claim_link import ClaimLink
 from board.esp32_net import open_tls
@@ -56,26 +55,31 @@ class Esp32Identity:
         self._run(lambda: self.core.boot(self.storage.read(enroll.RECORD_FILE)))
 
     def ready(self):
-        """A device certificate to connect to the device endpoint with (none
-        while the core works on the claim endpoint: enrolling, recovering)."""
-        if self.failed:           # the certificate in force, whatever the core was doing
-            return self.core.record.get("a") is not None
-        return self.use is not None and self.use.name is not None
+        """A device certificate to connect to the device endpoint with: the
+        one the core asked for, or the active one while the core works on
+        the claim endpoint (enrolling has none; a recovery or a broker that
+        refused for a while must not silence a certificate that may still
+        work: the link's events do not reach the core meanwhile)."""
+        return self._device_use() is not None
 
     def _device_use(self):
-        if self.use is not None and self.use.name is not None:
-            return self.use
+        use = self.use
+        if use is not None and use.name is not None and not self.failed and self._entry(use) is not None:
+            return use
         a = self.core.record.get("a")
-        return UseIdentity(a["k"], a["cert"])
+        return None if a is None else UseIdentity(a["k"], a["cert"])
 
-    def client_id(self):
-        """The identity of the certificate the next connection presents."""
-        use = self._device_use()
+    def _entry(self, use):
+        """The record's identity (candidate or active) for that key and certificate, or None."""
         for key in ("c", "a"):
             entry = self.core.record.get(key)
             if entry is not None and entry["k"] == use.name and entry["cert"] == use.cert:
-                return entry["id"]
-        return self.core.identity
+                return entry
+        return None
+
+    def client_id(self):
+        """The identity of the certificate the next connection presents."""
+        return self._entry(self._device_use())["id"]
 
     def answer_topic(self):
         return enroll.device_topics(self.client_id())[1]
@@ -92,7 +96,7 @@ class Esp32Identity:
 
     def poll(self):
         self._run(lambda: self.core.handle(Tick(self.now_ms())))
-        if self.claim is not None:
+        if self.claim is not None and self.use is not None and self.use.name is None:
             for event in self.claim.poll():
                 self._run(lambda: self.core.handle(event))
 
@@ -108,9 +112,8 @@ class Esp32Identity:
             return
         try:
             actions = self.board.run(self.core, step())
-        except LocalError as e:   # a driver bug: stop the identity, keep the telemetry going
-            self.failed = True
-            self.log("identity core failed: %s" % e)
+        except Exception as e:    # a driver bug, a full flash: stop the identity, keep the telemetry going
+            self._fail(e)
             return
         for action in actions:
             if isinstance(action, UseIdentity):
@@ -124,11 +127,23 @@ class Esp32Identity:
             elif isinstance(action, Log):
                 self.log("identity %s: %s" % (action.code, action.detail))
 
+    def _fail(self, error):
+        self.failed = True
+        self.log("identity core failed: %s %s; telemetry goes on with the active certificate"
+                 % (type(error).__name__, error))
+        if self.claim is not None:
+            self.claim.stop()
+            self.claim = None
+
     def _use(self, action):
         self.use = action
         if action.name is None:   # the claim endpoint: a link of our own
             if self.claim is None:
-                self.claim = self._claim()
+                try:
+                    self.claim = self._claim()
+                except Exception as e:        # a claim certificate the TLS stack refuses
+                    self._fail(e)
+                    return
             if self.claim is not None:
                 self.claim.start()
             else:
@@ -146,7 +161,7 @@ class Esp32Identity:
             return None
         ep = self.endpoints
         return ClaimLink(self.core.config, lambda: open_tls(ep["host"], ep["prov_port"], ctx),
-                         self.ticks_ms, self.now_ms, self.log)
+                         self.ticks_ms, self.now_ms, self.core.rng, self.log)
 
 def _no_log(text):
     pass

@@ -114,13 +114,12 @@ class MqttLink:
             return
         try:
             self.stream = self.opener()
+            connect = mqtt.connect(self.client_id, self.keepalive_s, clean_session=True)
         except TlsRefused as e:           # the handshake failed: what it says of our certificate
-            self.stream = None
-            self.events.append(("down", "TLS handshake failed: %s" % e, refusal_reason(e)))
+            self._failed_open("TLS handshake failed: %s" % e, refusal_reason(e))
             return
-        except OSError as e:
-            self.stream = None
-            self.events.append(("down", "connect failed: %s" % _describe(e), None))
+        except Exception as e:            # OSError, MemoryError (TLS buffers), a bad client id, ...
+            self._failed_open("connect failed: %s" % _describe(e), None)
             return
         self.parser = mqtt.Parser(self.packet_bytes_max)
         self.connections += 1
@@ -128,7 +127,17 @@ class MqttLink:
         self.accepted = False         # the CONNACK came (then the SUBACK is awaited)
         self.opened_ms = self.ticks_ms()
         self.ping_ms = None
-        self._send(mqtt.connect(self.client_id, self.keepalive_s, clean_session=True))
+        self._send(connect)
+
+    def _failed_open(self, reason, refused):
+        """A down event, never an exception: the telemetry core waits for one."""
+        if self.stream is not None:
+            try:
+                self.stream.close()
+            except Exception:
+                pass
+        self.stream = None
+        self.events.append(("down", reason, refused))
 
     def poll(self):
         """Read what arrived, run the timers; the events since the last poll."""
@@ -219,7 +228,8 @@ class MqttLink:
                 self.close("a CONNACK out of turn")
             elif p.return_code != 0:
                 reason = mqtt.connack_reason(p.return_code)
-                self.close("refused: %s" % reason, reason)
+                # "not authorized" -> not_authorized, as the identity core names refusals
+                self.close("refused: %s" % reason, reason.replace(" ", "_"))
             elif self.subscriptions:
                 self.accepted = True
                 self._send(mqtt.subscribe(_SUBSCRIBE_ID, [(f, 1) for f in self.subscriptions]))
@@ -330,6 +340,15 @@ class Stream:
             self.raw.close()
 
 
+def _network_failure(error):
+    name = type(error).__name__
+    if name in ("TimeoutError", "timeout", "ConnectionResetError", "ConnectionAbortedError",
+                "BrokenPipeError", "SSLEOFError", "SSLZeroReturnError"):
+        return True
+    return bool(error.args) and error.args[0] in (32, 103, 104, 110, 113, 116)  # EPIPE, ECONNABORTED,
+    # ECONNRESET, ETIMEDOUT (Linux; 116 on the ESP32), EHOSTUNREACH
+
+
 class TlsRefused(OSError):
     """The TLS handshake failed (after the TCP connection was made)."""
 
@@ -358,6 +377,8 @@ def open_tls(host, port, ctx, timeout_s=10, server_name=None):
         sock = ctx.wrap_socket(raw, server_hostname=server_name or host)
     except OSError as e:              # ssl.SSLError (CPython), mbedTLS errors (MicroPython)
         raw.close()
+        if _network_failure(e):       # a timeout or a reset: the network, not a verdict
+            raise
         raise TlsRefused(str(e))
     except BaseException:
         raw.close()

@@ -167,10 +167,15 @@ class LinuxAgent:
             if isinstance(action, Publish):
                 if self.accepted:
                     self._publish(action)   # not connected: the core asks again (confirm, timeout)
-            elif isinstance(action, UseIdentity) and self.client is not None:
-                # Reconnect with that certificate: the telemetry core's backoff
-                # decides when, and the next connect takes the id_driver's context.
-                self._lost("reconnecting with another certificate", chosen=True)
+            elif isinstance(action, UseIdentity):
+                # What the old connection said (a refusal of the old
+                # certificate, queued this pass) is not about this one.
+                self.id_inbox = [e for e in self.id_inbox
+                                 if not isinstance(e, (events.Connected, events.ConnectionLost, events.Refused))]
+                if self.client is not None:
+                    # Reconnect with that certificate: the telemetry core's backoff
+                    # decides when, and the next connect takes the id_driver's context.
+                    self._lost("reconnecting with another certificate", chosen=True)
 
     def _publish(self, action):
         info = self.client.publish(action.topic, action.payload, qos=1)

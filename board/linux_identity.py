@@ -78,6 +78,10 @@ class LinuxIdentity:
         self.recover_at_ms = 0     # without recovery: when to say the claim endpoint is needed again
         self.cert_written = None   # the active certificate identity.crt holds
         self.claim = None          # board/claim_link.py ClaimLink while the core is on the claim endpoint
+        # The claim certificate's TLS context, made now: a key that does not
+        # load fails the start, not a recovery months later.
+        self.claim_ctx = None if recovery is None else claim_context(recovery.endpoints["cafile"],
+                                                                      recovery.claim)
 
     @property
     def answer_topic(self):
@@ -157,11 +161,11 @@ class LinuxIdentity:
             return
         r = self.recovery
         if self.claim is None:
-            ctx = claim_context(r.endpoints["cafile"], r.claim)
+            ctx = self.claim_ctx
             self.claim = ClaimLink(self.core.config,
                                    lambda: open_tls(r.endpoints["host"], r.endpoints["prov_port"], ctx,
                                                     server_name=r.endpoints.get("server_name")),
-                                   self.clock.ticks_ms, self.clock.now_ms,
+                                   self.clock.ticks_ms, self.clock.now_ms, self.core.rng,
                                    lambda text: self.log.info("claim endpoint: %s", text))
         self.log.info("recovering the certificate through the claim endpoint %s:%d (%s)",
                       r.endpoints["host"], r.endpoints["prov_port"], self.core.last_reason or "refused")

@@ -512,8 +512,11 @@ def make_identity(args, store):
         recovery = Recovery({"host": host, "device_port": args.port, "prov_port": prov_port, "cafile": args.ca,
                              "server_name": args.server_name}, (args.claim_cert, args.claim_key), hwid)
     core = enroll.Identity(enroll.Config(hwid, claim, store.capabilities), SystemRng())
-    return LinuxIdentity(core, FileStorage(args.data), store, args.ca, SystemClock(),
-                         logging.getLogger("tether.identity"), recovery)
+    try:
+        return LinuxIdentity(core, FileStorage(args.data), store, args.ca, SystemClock(),
+                             logging.getLogger("tether.identity"), recovery)
+    except OSError as e:              # ssl.SSLError too: the claim key does not load, or does not match
+        raise AgentError("the claim certificate and key do not load: %s" % e) from None
 
 
 class Stop:
