@@ -113,9 +113,6 @@ class Manifest:
     def chunk_count(self):
         return chunk_count(self.size)
 
-    def chunk_hash(self, index):
-        return self.chunk_hashes[index * DIGEST_BYTES:(index + 1) * DIGEST_BYTES]
-
     def page_hash(self, page):
         return self.page_hashes[page * DIGEST_BYTES:(page + 1) * DIGEST_BYTES]
 
