@@ -357,17 +357,26 @@ class Uploader:
             self.checkpoint = msg["checkpoint"]
 
     def _rotate(self, event):
-        """Hand the console the cloud's checkpoint (it verifies it) once the
-        log is over rotate_bytes and the checkpoint drops enough records.
-        Only at a Poll: the log the console rewrites must be the whole log,
-        not one missing records of the feed in progress."""
-        if self.checkpoint is None or self.console.chain.size < self.rotate_bytes:
+        """Hand the console the cloud's checkpoint to verify once the log is
+        over rotate_bytes and the checkpoint drops enough records; once it is
+        verified (at once, or over the console's Ticks on a small board), the
+        console rewrites the log to it. Only at a Poll: the log the console
+        rewrites must be the whole log, not one missing records of the feed
+        in progress."""
+        if self.console.checkpoint is not None:
+            return self.console.feed(core.RotateLog(event.log, event.now_ms, event.time_s))
+        if (self.checkpoint is None or self.console.chain.size < self.rotate_bytes
+                or core.CHECKPOINT in self.console.cloud_checks):
             return []
         seq, first = checkpoint_seq(self.checkpoint), first_seq(event.log)
         if seq is None or first is None or seq - first < ROTATE_RECORDS_MIN:
             return []
         message, self.checkpoint = self.checkpoint, None
-        return self.console.feed(core.AuditCheckpoint(message, event.log, event.now_ms, event.time_s))
+        actions = self.console.feed(core.Checkpoint(message, event.now_ms, event.time_s))
+        if self.console.checkpoint is None:
+            return actions      # refused (recorded), or still being checked
+        # Verified at once, and a verified checkpoint adds no record: event.log is current.
+        return actions + self.console.feed(core.RotateLog(event.log, event.now_ms, event.time_s))
 
     def _move_cursor(self, next_seq, log):
         first = first_seq(log)

@@ -28,7 +28,12 @@
 # bits_per_tick below 256 the console waits in CHECKING and each Tick runs
 # that many bits of agent.p256.Verifier, so a small board's loop keeps
 # turning and its heap stays small; lines meanwhile get "err busy". The
-# default, 256, checks at once.
+# default, 256, checks at once. The cloud's signed messages (a revocation
+# list, an audit checkpoint) are stepped the same way beside whatever the
+# session does, one pending check of each kind (a newer message replaces
+# the one being checked), and take effect once their check is done: a
+# checkpoint is held, and the log is rewritten to it at the next RotateLog
+# (the driver hands the whole log as it is on flash then).
 #
 # Limits: LINE_CHARS_MAX per line (longer is refused), ARGS_MAX arguments,
 # FAILURES_MAX failed attempts (an unanswered challenge is one) before a
@@ -76,6 +81,9 @@ COMMAND = "command"
 BYE = "bye"
 TICK = "tick"
 BAD = "bad"
+
+REVOCATIONS = "revocations"     # the cloud's signed messages (Console.cloud_checks)
+CHECKPOINT = "checkpoint"
 
 # command -> (least role, fewest args, most args, numeric args)
 COMMANDS = {
@@ -139,14 +147,23 @@ class TrustedTime(Value):
         self.time_s = time_s
 
 
-class AuditCheckpoint(Value):
+class Checkpoint(Value):
     """The cloud verified the audit log up to a record and signed a
-    checkpoint of it; log is the audit log as it is on flash now. The console
-    drops the records before the checkpointed one (the log is bounded)."""
-    __slots__ = ("message", "log", "now_ms", "time_s")
+    checkpoint of it: check it and hold it for the next RotateLog."""
+    __slots__ = ("message", "now_ms", "time_s")
 
-    def __init__(self, message, log, now_ms, time_s):
+    def __init__(self, message, now_ms, time_s):
         self.message = message
+        self.now_ms = now_ms
+        self.time_s = time_s
+
+
+class RotateLog(Value):
+    """log is the audit log as it is on flash now: drop the records before
+    the checkpoint held (the log is bounded). Nothing happens without one."""
+    __slots__ = ("log", "now_ms", "time_s")
+
+    def __init__(self, log, now_ms, time_s):
         self.log = log
         self.now_ms = now_ms
         self.time_s = time_s
@@ -295,6 +312,8 @@ class Console:
         self.grant = None
         self.nonce = None
         self.pending = None             # (HELLO or AUTH, grant, agent.p256.Verifier)
+        self.cloud_checks = {}          # REVOCATIONS or CHECKPOINT: (payload, Verifier)
+        self.checkpoint = None          # (seq, head) of a verified checkpoint, until rotated
         self.provisional = False        # failures includes the open challenge
         self.bits_per_tick = bits_per_tick
         self.deadline_ms = 0            # challenge or session end
@@ -315,11 +334,13 @@ class Console:
             self._booting_locked = False
             self.lock_until_ms = self.now_ms + self._lockout_ms()
         if isinstance(event, Tick):
-            return self._step(TICK, None, [])
+            return self._cloud_work() + self._step(TICK, None, [])
         if isinstance(event, Revocations):
-            return self._revocations(event.message)
-        if isinstance(event, AuditCheckpoint):
-            return self._rotate(event.message, event.log)
+            return self._cloud_check(REVOCATIONS, event.message)
+        if isinstance(event, Checkpoint):
+            return self._cloud_check(CHECKPOINT, event.message)
+        if isinstance(event, RotateLog):
+            return self._rotate(event.log)
         if isinstance(event, TrustedTime):
             if type(event.time_s) is not int or event.time_s <= self.floor_s:
                 return []
@@ -327,7 +348,7 @@ class Console:
             return self._save()
         if not isinstance(event, Line):
             raise ConsoleError("not a console event: %r" % (event,), "bad_event")
-        actions = self._step(TICK, None, [])
+        actions = self._cloud_work() + self._step(TICK, None, [])
         kind, verb, args = parse_line(event.data)
         if kind == BAD and verb == "empty":
             return actions
@@ -343,7 +364,7 @@ class Console:
 
     def busy(self):
         """True while a signature check waits for Ticks to step it."""
-        return self.state == CHECKING
+        return self.state == CHECKING or bool(self.cloud_checks)
 
     def now(self):
         """Effective wall time, s: the device clock, never below the floor."""
@@ -568,11 +589,47 @@ class Console:
         actions = self._audit("unlock", {"refused": self.refused_while_locked})
         return IDLE, actions + self._save()
 
-    # -- revocation list ---------------------------------------------------
+    # -- the cloud's signed messages ----------------------------------------
 
-    def _revocations(self, message):
+    def _cloud_check(self, kind, message):
+        """Start checking a revocation list or a checkpoint (at once with 256
+        bits per tick; else from the next Tick on)."""
         try:
-            iat, revoked = grant.verify_revocations(message, self.keys, self.revocations_iat)
+            if kind == REVOCATIONS:
+                check = grant.start_revocations(message, self.keys)
+            else:
+                if not isinstance(message, (bytes, bytearray)):
+                    raise auditlog.AuditError("a checkpoint is bytes", "malformed")
+                check = cose.start1(message, self.keys, auditlog.CHECKPOINT_AAD)
+        except RemoteError as e:
+            return self._audit(kind + "_refused", {"code": e.code})
+        self.cloud_checks[kind] = check
+        if self.bits_per_tick < 256:
+            return []           # stepped: the work starts at the next Tick (a small heap per step)
+        return self._cloud_work(kind)
+
+    def _cloud_work(self, only=None):
+        """Step the pending checks of the cloud's messages; apply those done."""
+        actions = []
+        for kind in (REVOCATIONS, CHECKPOINT):
+            check = self.cloud_checks.get(kind)
+            if check is None or (only is not None and kind != only):
+                continue
+            payload, verifier = check
+            if not verifier.step(self.bits_per_tick):
+                continue
+            del self.cloud_checks[kind]
+            if not verifier.result():
+                actions += self._audit(kind + "_refused", {"code": "bad_signature"})
+            elif kind == REVOCATIONS:
+                actions += self._revocations(payload)
+            else:
+                actions += self._hold_checkpoint(payload)
+        return actions
+
+    def _revocations(self, payload):
+        try:
+            iat, revoked = grant.revocations_body(payload, self.revocations_iat)
         except RemoteError as e:
             return self._audit("revocations_refused", {"code": e.code})
         self.revoked, self.revocations_iat = revoked, iat
@@ -585,15 +642,26 @@ class Console:
 
     # -- audit log rotation -------------------------------------------------
 
-    def _rotate(self, message, log):
-        """Keep the log from a cloud-signed checkpoint on; refuse anything else."""
+    def _hold_checkpoint(self, payload):
         try:
-            body = cbor.loads(cose.verify1(message, self.keys, auditlog.CHECKPOINT_AAD))
+            body = cbor.loads(payload)
             if not isinstance(body, dict) or body.get("device") != self.device_id:
                 raise auditlog.AuditError("checkpoint is for another device", "wrong_device")
             seq, head = body.get("seq"), body.get("head")
-            if type(seq) is not int or not isinstance(head, bytes):
+            if type(seq) is not int or seq < 0 or not isinstance(head, bytes):
                 raise auditlog.AuditError("checkpoint seq and head malformed", "malformed")
+        except RemoteError as e:
+            return self._audit("checkpoint_refused", {"code": e.code})
+        if self.checkpoint is None or seq > self.checkpoint[0]:
+            self.checkpoint = (seq, head)
+        return []
+
+    def _rotate(self, log):
+        """Keep the log from the checkpoint held on; refuse a log it does not fit."""
+        if self.checkpoint is None:
+            return []
+        (seq, head), self.checkpoint = self.checkpoint, None
+        try:
             kept = auditlog.rotate(log, seq, head)
         except RemoteError as e:
             return self._audit("checkpoint_refused", {"code": e.code})

@@ -239,13 +239,29 @@ def verify_revocations(message, keys, last_iat_s=0):
     """(issued_at_s, [grant id, ...]) from a revocation list the support key
     signed: payload {6: iat, "revoked": [bstr, ...]}. The list replaces the
     device's; one older than the last applied (last_iat_s) is refused, since
-    a replayed old list would un-revoke grants."""
+    a replayed old list would un-revoke grants. In one go: a small board
+    steps start_revocations' verifier and then calls revocations_body."""
+    payload, verifier = start_revocations(message, keys)
+    if not verifier.step(256) or not verifier.result():
+        raise GrantError("revocation list: COSE_Sign1 signature does not verify", "bad_signature")
+    return revocations_body(payload, last_iat_s)
+
+
+def start_revocations(message, keys):
+    """(payload, agent.p256.Verifier): the list checked but for its signature.
+    Trust nothing in payload until the verifier is stepped to a true result()."""
     if not isinstance(message, (bytes, bytearray)) or len(message) > cose.MESSAGE_BYTES_MAX:
         raise GrantError("a revocation list is bytes, at most %d" % cose.MESSAGE_BYTES_MAX, "malformed")
     try:
-        body = cbor.loads(cose.verify1(message, keys, REVOCATIONS_AAD))
-    except GrantError:
-        raise
+        return cose.start1(message, keys, REVOCATIONS_AAD)
+    except RemoteError as e:
+        raise GrantError("revocation list: " + e.message, e.code)
+
+
+def revocations_body(payload, last_iat_s=0):
+    """(issued_at_s, [grant id, ...]) from a verified revocation list's payload."""
+    try:
+        body = cbor.loads(payload)
     except RemoteError as e:
         raise GrantError("revocation list: " + e.message, e.code)
     if not isinstance(body, dict):

@@ -13,8 +13,10 @@ from cloud.support_mqtt import down
 from mpy import require_micropython, run_micropython_report
 
 HEAP_KB = 128          # the uploader and console without signature checks
-SIGNED_HEAP_KB = 2560  # with them: the console checks a revocation list or checkpoint whole, and
-                       # this port collects garbage only between steps (see the module doc)
+SIGNED_HEAP_KB = 2560  # with them, checked whole (bits_per_tick 256): this port collects
+                       # garbage only between steps, and a whole check is one step
+STEPPED_HEAP_KB = 128  # with them, stepped over Ticks as a small board runs them
+BITS_PER_TICK = 8
 T0 = 1_800_000_000
 
 IMPORTS = ["import binascii", "from agent import cbor", "from agent import auditlog", "from agent import grant",
@@ -51,7 +53,16 @@ def poll(now=2000):
 '''
 
 
-def script(tmp_path, signed=True):
+STEPPED = r'''
+console.bits_per_tick = %d
+def tick(now=1500):
+    run(console.feed(core.Tick(now, %d)))
+def ticked():
+    print("ticked", console.busy(), len(console.revoked), console.floor_s, console.checkpoint is not None)
+'''
+
+
+def script(tmp_path, signed=True, bits=256):
     desk = SupportDesk(str(tmp_path / "cloud"), clock_s=lambda: T0 + 100,
                        random_bytes=random.Random(1).randbytes)
     chain = auditlog.AuditChain("dev-1")
@@ -77,6 +88,10 @@ def script(tmp_path, signed=True):
         steps += ["rx(%r)" % ack.hex(), "poll()"]
     if signed:
         steps.append("rx(%r)" % down("push", T0 + 200, revocations=revocations).hex())
+    if bits < 256:      # each cloud message checked over Ticks, one top-level step each
+        setup += STEPPED % (bits, T0)
+        ticks = ["tick()"] * (256 // bits) + ["ticked()"]
+        steps = [x for step in steps for x in ([step] + ticks if step.startswith(("rx", "poll")) else [step])]
     steps += ["rx(%r)" % b"\xff".hex(), "rx(%r)" % cbor.dumps({"v": 1, "op": [1]}).hex(),
               "rx(%r)" % down("ack", T0, id=99, next=0, findings=[]).hex(),
               "print(sorted(FLASH))"]
@@ -126,3 +141,21 @@ def test_revocations_and_checkpoints_on_micropython_match_cpython(tmp_path):
     assert report["stdout"] == expected
     print("\nMicroPython uploader with signed lists and checkpoints: %d steps, %.0f ms; heap peak %d "
           "bytes" % (len(steps) + 1, report["elapsed_ms"], report["heap_peak_bytes"]))
+
+
+def test_stepped_revocations_and_checkpoints_on_micropython_in_a_small_heap(tmp_path):
+    """The same script with the console's checks of the cloud's signed
+    messages stepped over Ticks of BITS_PER_TICK bits: the list applies and
+    the log rotates on MicroPython as on CPython, in STEPPED_HEAP_KB."""
+    require_micropython()
+    setup, steps = script(tmp_path, bits=BITS_PER_TICK)
+    expected = run_cpython(setup, steps)
+    assert "ticked False 1 %d False" % (T0 + 100) in expected      # the sync's list, applied by ticks
+    assert "write audit.log" in expected and "append audit.log" in expected   # rotated, recorded
+    assert "ticked False 1 %d" % (T0 + 200) in expected            # the push applied
+    report = run_micropython_report(setup, heap_kb=STEPPED_HEAP_KB, modules=("agent",), timeout_s=300,
+                                    steps=steps)
+    assert report["stdout"] == expected
+    print("\nMicroPython uploader with stepped signed lists and checkpoints: %d steps, %.0f ms; heap "
+          "peak %d bytes (budget %d)" % (len(steps) + 1, report["elapsed_ms"], report["heap_peak_bytes"],
+                                         STEPPED_HEAP_KB * 1024))

@@ -175,7 +175,8 @@ def _session(dev, desk, tech, commands=("status", "net")):
 
 def _checkpoint(dev, message):
     from agent import console as core
-    dev.port.run(dev.console.feed(core.AuditCheckpoint(message, dev.audit_log(), 0, T0_S)))
+    dev.port.run(dev.console.feed(core.Checkpoint(message, 0, T0_S)))
+    dev.port.run(dev.console.feed(core.RotateLog(dev.audit_log(), 0, T0_S)))
 
 
 def test_a_cloud_checkpoint_lets_the_device_rotate_and_the_chain_still_verifies(desk):

@@ -338,6 +338,87 @@ def test_stepped_signature_checks_reach_the_same_verdicts(desk, alice):
         == "bad_signature"
 
 
+def _tick_until_idle(dev):
+    ticks = 0
+    while dev.console.busy():
+        dev.port.run(dev.console.feed(core.Tick(0, T0_S)))
+        ticks += 1
+    return ticks
+
+
+def test_a_stepped_revocation_list_applies_after_its_ticks_and_the_session_runs_meanwhile(desk, alice):
+    grant = issue(desk, alice, "technician")
+    dev = device(desk, bits_per_tick=8)
+    s = alice.session(dev, grant)
+    s.open()
+    desk.revoke(gid_of(grant).hex(), "bob", "stepped")
+    dev.port.run(dev.console.feed(core.Revocations(desk.revocation_list(), 0, T0_S)))
+    assert dev.console.busy() and dev.console.revoked == [] and "revocations" not in kinds(dev)
+    assert dev.console.state == core.OPEN
+    dev.outbox.clear()
+    dev.port.run(dev.console.feed(core.Line(b"status", 0, T0_S)))     # not "err busy"
+    assert dev.outbox[-1] == b"ok\n" and dev.commands.executed[-1] == ("status", ())
+    # 32 steps of 8 bits: none as the list arrived, one before the line, the rest by ticks
+    assert _tick_until_idle(dev) == 256 // 8 - 1
+    assert gid_of(grant) in dev.console.revoked and dev.console.state == core.IDLE
+    assert kinds(dev)[-2:] == ["revocations", "session_close"]
+    assert refused_code(alice.session(dev, grant).open) == "revoked"
+
+
+def test_a_stepped_revocation_list_with_a_bad_signature_changes_nothing(desk, alice):
+    grant = issue(desk, alice, "viewer")
+    dev = device(desk, bits_per_tick=8)
+    desk.revoke(gid_of(grant).hex(), "bob", "x")
+    good = desk.revocation_list()
+    bad = good[:-1] + bytes([good[-1] ^ 1])
+    for message in (bad, good[:-4]):     # a wrong signature; a truncated message
+        dev.port.run(dev.console.feed(core.Revocations(message, 0, T0_S)))
+        _tick_until_idle(dev)
+    records = auditlog.records(dev.audit_log())
+    assert [(r[3], r[4]["code"]) for r in records] == [("revocations_refused", "bad_signature"),
+                                                       ("revocations_refused", "cbor")]
+    assert dev.console.revoked == [] and alice.session(dev, grant).open()[0] == "viewer"
+
+
+def test_a_newer_list_replaces_the_one_being_checked(desk, alice):
+    dev = device(desk, bits_per_tick=8)
+    grant = issue(desk, alice, "viewer")
+    old = desk.revocation_list()
+    desk.revoke(gid_of(grant).hex(), "bob", "x")
+    desk.clock_s = lambda: T0_S + 10
+    try:
+        new = desk.revocation_list()
+    finally:
+        desk.clock_s = lambda: T0_S
+    dev.port.run(dev.console.feed(core.Revocations(old, 0, T0_S)))
+    dev.port.run(dev.console.feed(core.Tick(0, T0_S)))
+    dev.port.run(dev.console.feed(core.Revocations(new, 0, T0_S)))
+    _tick_until_idle(dev)
+    assert kinds(dev) == ["revocations"] and gid_of(grant) in dev.console.revoked
+    assert dev.console.revocations_iat == T0_S + 10
+
+
+def test_a_checkpoint_is_held_once_verified_and_only_a_rotation_uses_it(desk, alice):
+    dev = device(desk, bits_per_tick=8)
+    for _ in range(2):
+        s = alice.session(dev, issue(desk, alice, "viewer"))
+        s.open()
+        s.close()
+    report = desk.verify_log("d1", dev.audit_log(), record=False)
+    message = desk.checkpoint("d1", report["head_seq"], report["head"])
+    log = dev.audit_log()
+    dev.port.run(dev.console.feed(core.RotateLog(log, 0, T0_S)))    # nothing held: nothing happens
+    assert dev.audit_log() == log
+    dev.port.run(dev.console.feed(core.Checkpoint(message, 0, T0_S)))
+    assert dev.console.checkpoint is None and dev.console.busy()
+    _tick_until_idle(dev)
+    assert dev.console.checkpoint == (report["head_seq"], report["head"]) and dev.audit_log() == log
+    dev.port.run(dev.console.feed(core.RotateLog(dev.audit_log(), 0, T0_S)))
+    records = auditlog.records(dev.audit_log())
+    assert records[0][0] == report["head_seq"] and records[-1][3] == "rotated"
+    assert dev.console.checkpoint is None
+
+
 def test_cloud_time_raises_the_floor_and_is_persisted(desk, alice):
     dev = device(desk)
     grant = issue(desk, alice, "viewer", hours=1)
@@ -408,6 +489,37 @@ def test_every_state_and_input_is_answered_by_one_line_never_a_crash(desk, alice
         assert len(final) == expected, (line, final)
         assert dev.console.state in core.STATES
     dev.advance(ms)
+    assert not auditlog.check(dev.audit_log(), "d1")["tamper"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["rev", "cp", "rotate", "tick"]), st.integers(0, 400),
+                          st.integers(0, 255)), max_size=8),
+       st.sampled_from([8, 256]))
+def test_hostile_cloud_messages_are_refused_and_recorded_never_raised(desk, alice, ops, bits):
+    """Mutated revocation lists and checkpoints (a byte flipped, cut short),
+    stepped or not, mixed with rotations and ticks: every one is refused and
+    recorded, nothing is revoked, the log is never cut and stays sound."""
+    good_list, good_cp = desk.revocation_list(), desk.checkpoint("d1", 0, b"\0" * 32)
+    dev = device(desk, bits_per_tick=bits)
+    log = dev.audit_log()
+    for op, at, flip in ops:
+        base = good_list if op == "rev" else good_cp
+        at = at % len(base)
+        message = base[:at] + bytes([base[at] ^ (flip or 1)]) + base[at + 1:] if flip else base[:at]
+        if op == "rev":
+            dev.port.run(dev.console.feed(core.Revocations(message, 0, T0_S)))
+        elif op == "cp":
+            dev.port.run(dev.console.feed(core.Checkpoint(message, 0, T0_S)))
+        elif op == "rotate":
+            dev.port.run(dev.console.feed(core.RotateLog(dev.audit_log(), 0, T0_S)))
+        else:
+            dev.port.run(dev.console.feed(core.Tick(0, T0_S)))
+    _tick_until_idle(dev)
+    dev.port.run(dev.console.feed(core.RotateLog(dev.audit_log(), 0, T0_S)))
+    assert dev.console.revoked == [] and dev.console.checkpoint is None
+    assert dev.audit_log()[:len(log)] == log
+    assert set(kinds(dev)) <= {"revocations_refused", "checkpoint_refused"}
     assert not auditlog.check(dev.audit_log(), "d1")["tamper"]
 
 
