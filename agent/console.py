@@ -84,6 +84,7 @@ BAD = "bad"
 
 REVOCATIONS = "revocations"     # the cloud's signed messages (Console.cloud_checks)
 CHECKPOINT = "checkpoint"
+CLOUD_WAITING_MAX = 4           # of them waiting behind the ones being checked
 
 # command -> (least role, fewest args, most args, numeric args)
 COMMANDS = {
@@ -313,6 +314,7 @@ class Console:
         self.nonce = None
         self.pending = None             # (HELLO or AUTH, grant, agent.p256.Verifier)
         self.cloud_checks = {}          # REVOCATIONS or CHECKPOINT: (payload, Verifier)
+        self.cloud_waiting = []         # [(kind, message)] behind those, in arrival order
         self.checkpoint = None          # (seq, head) of a verified checkpoint, until rotated
         self.provisional = False        # failures includes the open challenge
         self.bits_per_tick = bits_per_tick
@@ -400,6 +402,10 @@ class Console:
             return self._grant_checked(g, verifier)
         if not verifier.result():
             return self._fail("bad_answer", "the answer is not the grant holder's signature")
+        try:        # again: a revocation list (or the clock) may have moved while it was checked
+            grant.check(g, self.device_id, self.site, self.time_s, self.floor_s, self.revoked)
+        except RemoteError as e:
+            return self._fail(e.code, e.message)
         return self._open(g)
 
     def _busy(self, verb, args):
@@ -592,8 +598,17 @@ class Console:
     # -- the cloud's signed messages ----------------------------------------
 
     def _cloud_check(self, kind, message):
-        """Start checking a revocation list or a checkpoint (at once with 256
-        bits per tick; else from the next Tick on)."""
+        """Check a revocation list or a checkpoint: at once with 256 bits per
+        tick; else from the next Tick on, after those of its kind that came
+        before it (in order: a replayed or forged message must not displace
+        the genuine one being checked). At most CLOUD_WAITING_MAX wait; more
+        are refused and recorded (the cloud sends its list again at the next
+        sync, its checkpoint with the next ack)."""
+        if kind in self.cloud_checks:
+            if len(self.cloud_waiting) >= CLOUD_WAITING_MAX:
+                return self._audit(kind + "_refused", {"code": "busy"})
+            self.cloud_waiting.append((kind, message))
+            return []
         try:
             if kind == REVOCATIONS:
                 check = grant.start_revocations(message, self.keys)
@@ -625,11 +640,20 @@ class Console:
                 actions += self._revocations(payload)
             else:
                 actions += self._hold_checkpoint(payload)
+            actions += self._next_waiting(kind)
         return actions
+
+    def _next_waiting(self, kind):
+        """Start the check of the next message of `kind` that waits."""
+        for i, (waiting_kind, message) in enumerate(self.cloud_waiting):
+            if waiting_kind == kind:
+                del self.cloud_waiting[i]
+                return self._cloud_check(kind, message)
+        return []
 
     def _revocations(self, payload):
         try:
-            iat, revoked = grant.revocations_body(payload, self.revocations_iat)
+            iat, revoked = grant.revocations_body(payload, self.revocations_iat, self.revoked)
         except RemoteError as e:
             return self._audit("revocations_refused", {"code": e.code})
         self.revoked, self.revocations_iat = revoked, iat

@@ -235,7 +235,7 @@ def revocations_digest(revoked):
     return hashlib.sha256(cbor.dumps(list(revoked))).digest()[:REVOCATIONS_DIGEST_BYTES]
 
 
-def verify_revocations(message, keys, last_iat_s=0):
+def verify_revocations(message, keys, last_iat_s=0, applied=None):
     """(issued_at_s, [grant id, ...]) from a revocation list the support key
     signed: payload {6: iat, "revoked": [bstr, ...]}. The list replaces the
     device's; one older than the last applied (last_iat_s) is refused, since
@@ -244,7 +244,7 @@ def verify_revocations(message, keys, last_iat_s=0):
     payload, verifier = start_revocations(message, keys)
     if not verifier.step(256) or not verifier.result():
         raise GrantError("revocation list: COSE_Sign1 signature does not verify", "bad_signature")
-    return revocations_body(payload, last_iat_s)
+    return revocations_body(payload, last_iat_s, applied)
 
 
 def start_revocations(message, keys):
@@ -258,8 +258,11 @@ def start_revocations(message, keys):
         raise GrantError("revocation list: " + e.message, e.code)
 
 
-def revocations_body(payload, last_iat_s=0):
-    """(issued_at_s, [grant id, ...]) from a verified revocation list's payload."""
+def revocations_body(payload, last_iat_s=0, applied=None):
+    """(issued_at_s, [grant id, ...]) from a verified revocation list's payload.
+    Refused as stale: older than the list applied (last_iat_s), or as old
+    with other grant ids than the applied ones (the cloud never signs two
+    different lists with one iat: cloud/support.py)."""
     try:
         body = cbor.loads(payload)
     except RemoteError as e:
@@ -275,4 +278,6 @@ def revocations_body(payload, last_iat_s=0):
             raise GrantError("a revoked grant id is malformed", "malformed")
     if iat < last_iat_s:
         raise GrantError("revocation list is older than the one applied", "stale")
+    if iat == last_iat_s and applied is not None and list(revoked) != list(applied):
+        raise GrantError("revocation list is as old as the one applied, with other ids", "stale")
     return iat, revoked

@@ -67,6 +67,8 @@ CREATE TABLE IF NOT EXISTS audit_findings (
 CREATE TABLE IF NOT EXISTS audit_refusals (
     id INTEGER PRIMARY KEY, identity TEXT NOT NULL, at INTEGER NOT NULL, code TEXT NOT NULL,
     reason TEXT NOT NULL, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS revocation_lists (
+    id INTEGER PRIMARY KEY CHECK (id = 1), iat INTEGER NOT NULL, content TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS support_audit (
     id INTEGER PRIMARY KEY, at INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
     subject TEXT NOT NULL, detail TEXT NOT NULL);
@@ -155,9 +157,23 @@ class SupportDesk:
         return self._atomic(op)
 
     def revocation_list(self):
-        """The signed list devices apply when online (agent.grant.verify_revocations)."""
-        now = self.now()
-        body = cbor.dumps({agrant.CLAIM_IAT: now, "revoked": self._revoked_gids(now)})
+        """The signed list devices apply when online (agent.grant.verify_revocations).
+        Its iat is the time, but never the iat of a list with other grant ids:
+        two lists made in the same second differ by a second, so a device,
+        which refuses a list older than the one it applied or as old with
+        other ids, cannot be made to go back to the first (a replay)."""
+        def op():
+            now = self.now()
+            gids = self._revoked_gids(now)
+            content = hashlib.sha256(cbor.dumps(gids)).hexdigest()
+            row = self._db.execute("SELECT iat, content FROM revocation_lists WHERE id = 1").fetchone()
+            iat = now
+            if row is not None and now <= row[0]:
+                iat = row[0] if content == row[1] else row[0] + 1
+            self._db.execute("INSERT OR REPLACE INTO revocation_lists VALUES (1, ?, ?)", (iat, content))
+            return iat, gids
+        iat, gids = self._atomic(op)
+        body = cbor.dumps({agrant.CLAIM_IAT: iat, "revoked": gids})
         return firmware.sign1(body, self.key, agrant.REVOCATIONS_AAD)
 
     def revocations_digest(self):

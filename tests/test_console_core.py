@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from agent import auditlog, cbor
+from agent import grant as grant_mod
 from agent import console as core
 from board.console_port import LineReader
 from cloud.console_tool import Refused, answer, gid_of
@@ -380,7 +381,7 @@ def test_a_stepped_revocation_list_with_a_bad_signature_changes_nothing(desk, al
     assert dev.console.revoked == [] and alice.session(dev, grant).open()[0] == "viewer"
 
 
-def test_a_newer_list_replaces_the_one_being_checked(desk, alice):
+def test_lists_that_come_during_a_check_are_checked_in_turn_and_a_flood_is_refused(desk, alice):
     dev = device(desk, bits_per_tick=8)
     grant = issue(desk, alice, "viewer")
     old = desk.revocation_list()
@@ -394,8 +395,15 @@ def test_a_newer_list_replaces_the_one_being_checked(desk, alice):
     dev.port.run(dev.console.feed(core.Tick(0, T0_S)))
     dev.port.run(dev.console.feed(core.Revocations(new, 0, T0_S)))
     _tick_until_idle(dev)
-    assert kinds(dev) == ["revocations"] and gid_of(grant) in dev.console.revoked
-    assert dev.console.revocations_iat == T0_S + 10
+    assert kinds(dev) == ["revocations", "revocations"] and gid_of(grant) in dev.console.revoked
+    assert dev.console.revocations_iat == grant_mod.verify_revocations(new, desk.keys())[0] >= T0_S + 10
+    # one being checked, CLOUD_WAITING_MAX waiting: the next is refused and recorded
+    for _ in range(1 + core.CLOUD_WAITING_MAX + 1):
+        dev.port.run(dev.console.feed(core.Revocations(new, 0, T0_S)))
+    assert kinds(dev)[-1] == "revocations_refused"
+    assert auditlog.records(dev.audit_log())[-1][4]["code"] == "busy"
+    _tick_until_idle(dev)
+    assert kinds(dev)[-5:] == ["revocations"] * 5 and gid_of(grant) in dev.console.revoked
 
 
 def test_a_checkpoint_is_held_once_verified_and_only_a_rotation_uses_it(desk, alice):

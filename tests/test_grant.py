@@ -112,6 +112,12 @@ def test_revocation_lists():
         with pytest.raises(grant.GrantError) as e:
             grant.verify_revocations(message, KEYS, NOW)
         assert e.value.code == code
+    # As old as the list applied: only the same ids again (a re-send); other ids are a replay.
+    other = GID[:-1] + bytes([GID[-1] ^ 1])
+    assert grant.verify_revocations(rl(NOW, [GID]), KEYS, NOW, [GID]) == (NOW, [GID])
+    with pytest.raises(grant.GrantError) as e:
+        grant.verify_revocations(rl(NOW, [GID]), KEYS, NOW, [GID, other])
+    assert e.value.code == "stale"
 
 
 # ---------------------------------------------------------------- fuzz

@@ -72,3 +72,28 @@ def test_verify_log_exit_codes_and_checkpoints(tmp_path, capsys):
     assert code == 1 and report["tamper"] and report["problems"][0][0] == "truncated"
     assert cli(capsys, "cloud", "support", "verify-log", "--data", data, "--device", "d1",
                "--log", str(tmp_path / "none"))[0] == 2
+
+
+def test_two_different_lists_in_one_second_never_share_an_iat(tmp_path):
+    """A device refuses a list older than the applied one, or as old with
+    other ids: the desk signs each change with a later iat, even within a
+    second, and an unchanged list keeps its iat."""
+    from cloud.support import SupportDesk
+    desk = SupportDesk(str(tmp_path / "desk"), clock_s=lambda: 1_800_000_000)
+    try:
+        keys = desk.keys()
+        first = grant.verify_revocations(desk.revocation_list(), keys)
+        assert grant.verify_revocations(desk.revocation_list(), keys) == first     # unchanged: same iat
+        point = desk.public_key
+        gids = [desk.grant("t%d" % i, point, "viewer", ["d1"], requested_by="a", approved_by="b",
+                           reason="r")[0] for i in range(2)]
+        iats = []
+        for gid in gids:
+            desk.revoke(gid, "b", "r")
+            iats.append(grant.verify_revocations(desk.revocation_list(), keys)[0])
+        assert iats == [first[0] + 1, first[0] + 2]
+        earlier = first[0] + 1
+        with_both = grant.verify_revocations(desk.revocation_list(), keys)
+        assert with_both[0] == earlier + 1 and len(with_both[1]) == 2
+    finally:
+        desk.close()
