@@ -121,8 +121,8 @@ class Esp32Agent:
             self.link.close("reconnecting with another certificate")
 
     def busy(self):
-        """Work waits (a signature step, slot reads): the loop should not sleep."""
-        return self.ota is not None and self.ota.busy()
+        """Work waits (a signature step, slot reads, a key being made): the loop should not sleep."""
+        return (self.ota is not None and self.ota.busy()) or (self.id is not None and self.id.busy())
 
     def run(self, read_sensors, sample_ms, passes=None):
         """The board's loop: a sample every sample_ms, step() every pass.

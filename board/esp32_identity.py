@@ -21,8 +21,11 @@ and PubAcked; poll() once per pass (the core's clock, the claim link);
 take() -> (Publish actions for the agent's link, reconnect: the agent's
 connection must be made again with device_context()).
 
-Key generation and signing run in one go (agent/p256sign.py on the ESP32:
-seconds, once per certificate lifetime); the loop waits meanwhile.
+Key generation and signing (agent/p256sign.py in pure Python: seconds on
+a chip, once per certificate lifetime) are stepped, BITS_PER_PASS scalar
+bits per poll (board/identity_board.py), so the agent's loop keeps turning
+(telemetry, the link's keepalive) meanwhile; busy() says the loop should
+not sleep between passes. bits_per_pass=None makes them in one go.
 """
 
 from agent import enroll
@@ -32,11 +35,13 @@ from board.claim_link import ClaimLink
 from board.esp32_net import open_tls
 from board.identity_board import IdentityBoard
 
+BITS_PER_PASS = 4         # one 4-bit window of a 256-bit scalar: 64 passes per key, 64 per signature
 
 class Esp32Identity:
-    def __init__(self, core, storage, keystore, contexts, endpoints, ticks_ms, now_ms, log=None):
+    def __init__(self, core, storage, keystore, contexts, endpoints, ticks_ms, now_ms, log=None,
+                 bits_per_pass=BITS_PER_PASS):
         self.core = core
-        self.board = IdentityBoard(storage, keystore)
+        self.board = IdentityBoard(storage, keystore, bits_per_pass)
         self.storage = storage
         self.contexts = contexts
         self.endpoints = endpoints
@@ -94,7 +99,13 @@ class Esp32Identity:
             return                # the core is on the claim endpoint: not its link
         self._run(lambda: self.core.handle(event))
 
+    def busy(self):
+        """A key or a signature is being made in steps: do not sleep between polls."""
+        return self.board.busy() and not self.failed
+
     def poll(self):
+        if self.board.busy():
+            self._carry(lambda: self.board.work(self.core))
         self._run(lambda: self.core.handle(Tick(self.now_ms())))
         if self.claim is not None and self.use is not None and self.use.name is None:
             for event in self.claim.poll():
@@ -108,10 +119,14 @@ class Esp32Identity:
     # -- inside -----------------------------------------------------------------------
 
     def _run(self, step):
+        self._carry(lambda: self.board.run(self.core, step()))
+
+    def _carry(self, work):
+        """work() -> transport actions; carry them out. Nothing raises from here."""
         if self.failed:
             return
         try:
-            actions = self.board.run(self.core, step())
+            actions = work()
         except Exception as e:    # a driver bug, a full flash: stop the identity, keep the telemetry going
             self._fail(e)
             return

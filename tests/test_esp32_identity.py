@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from agent import enroll, telemetry
 from board.esp32 import FlashStorage
 from board.esp32_agent import Esp32Agent
+from board import esp32_identity
 from board.esp32_identity import Esp32Identity
 from board.esp32_keystore import Esp32Keystore
 from board.esp32_net import open_tls
@@ -95,6 +96,8 @@ class Board:
                                 config=CONFIG, log=self.logged.append, identity=self.identity)
         self.agent.boot()
         self.samples = 0
+        self.busy_passes = 0        # passes with a key or signature being made in steps
+        self.acked_while_busy = 0   # telemetry acknowledged on those passes
 
     def record(self):
         return self.identity.core.record
@@ -109,7 +112,11 @@ class Board:
                 self.agent.sample({"n": self.samples})
                 self.samples += 1
                 next_sample = time.monotonic() + sample_every_s
+            busy, acked = self.identity.busy(), self.agent.acked
             self.agent.step()
+            if busy:
+                self.busy_passes += 1
+                self.acked_while_busy += self.agent.acked - acked
             time.sleep(0.005)
         return until()
 
@@ -160,7 +167,12 @@ async def test_a_fresh_esp32_enrolls_by_claim_then_rotates_and_loses_nothing(clo
         return a["k"] == "id1" and board.record().get("u") is None and \
             str(serial(first["cert"])) in {str(s) for s in cloud.registry.revoked_serials()}
 
+    busy_before = board.busy_passes
     assert await asyncio.to_thread(board.run, rotated, 3 * CERT_S), board.logged[-10:]
+    # the new key and its CSR were made in steps (a 4-bit window a pass: 64 + 1 + 64 passes)
+    # while the loop went on and telemetry was acknowledged over the link
+    assert board.busy_passes - busy_before >= 2 * (256 // esp32_identity.BITS_PER_PASS)
+    assert board.acked_while_busy > 0
     assert board.keystore.public_key("id0") is None, "the old key is erased"
     assert board.keystore.matches("id1", board.record()["a"]["cert"])
     drained = lambda: not board.agent.core.queue and online()  # noqa: E731
