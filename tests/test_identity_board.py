@@ -21,29 +21,13 @@ from board.identity_board import CSR_SUBJECT, IdentityBoard
 from board.keystore import MemoryKeystore
 from board.sim import SimFlash
 from mpy import require_micropython, run_micropython_report
+from test_esp32_keystore import SEEDED     # the portable seeded RNG, the same on MicroPython
 
 HWID, CLAIM = "hw-esp-1", "claim:b1"
 BITS = 4                                # one 4-bit window of the scalar per work()
 STEPS_PER_SCALAR = 256 // BITS          # 64
 HEAP_KB = 128            # compiling agent/enroll.py's source on the device needs more than 64
 
-SEEDED = r'''
-import hashlib
-
-class SeededRandom:
-    """random_bytes(n) from SHA-256 of seed || counter: a test RNG only."""
-
-    def __init__(self, seed):
-        self.seed = seed
-        self.counter = 0
-
-    def __call__(self, n):
-        out = b""
-        while len(out) < n:
-            out += hashlib.sha256(self.seed + self.counter.to_bytes(4, "big")).digest()
-            self.counter += 1
-        return out[:n]
-'''
 
 
 def seeded(seed=b"identity board"):

@@ -30,14 +30,7 @@ from agent import console as core
 from cloud.console_tool import Refused, answer, gid_of
 from cloud.support import SupportDesk
 from simulator.console_drill import T0_S, SimConsoleDevice, Technician
-
-
-class Clock:
-    def __init__(self):
-        self.now_s = T0_S
-
-    def __call__(self):
-        return self.now_s
+from test_audit_upload import Clock      # starts at its T0_S, the same as console_drill's
 
 
 @pytest.fixture
