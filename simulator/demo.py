@@ -101,10 +101,13 @@ async def run_demo(args):
 
 
 def fresh_cloud(cloud_dir, broker):
-    """The cloud in OUT/cloud: its CAs are kept from run to run, its records are not."""
-    for name in ("tether.db", "rollouts.db", "rollouts.db-wal", "rollouts.db-shm"):
-        if os.path.exists(os.path.join(cloud_dir, name)):
-            os.remove(os.path.join(cloud_dir, name))
+    """The cloud in OUT/cloud: its CAs and keys are kept from run to run, its
+    records (every SQLite database there: telemetry, rollouts, support
+    grants and audit logs) are not, so a second demo starts as the first."""
+    if os.path.isdir(cloud_dir):
+        for name in os.listdir(cloud_dir):
+            if name.endswith((".db", ".db-wal", ".db-shm", ".db-journal")):
+                os.remove(os.path.join(cloud_dir, name))
     return Cloud(cloud_dir, broker=broker)
 
 

@@ -146,3 +146,30 @@ def test_every_command_explains_itself():
                 ["cloud", "audit", "--help"], ["fw", "--help"], ["fw", "verify", "--help"]):
         out = subprocess.run(TETHER + cmd, cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 0 and "usage: tether" in out.stdout, cmd
+
+
+def test_a_second_demo_in_the_same_out_dir_starts_from_fresh_records(tmp_path):
+    """`tether demo` twice in ./tether-out crashed on the second run: the
+    support desk's grants (seeded ids, for a reproducible demo) were kept
+    and the first grant's id was taken. Every record database goes; the
+    CAs and keys stay."""
+    from cloud.support import SupportDesk
+    from simulator.demo import fresh_cloud
+    cloud_dir = tmp_path / "cloud"
+    cloud = fresh_cloud(str(cloud_dir), "embedded")
+    desk = SupportDesk(str(cloud_dir), random_bytes=lambda n: b"\1" * n)
+    desk.grant("t", desk.public_key, "viewer", ["d1"], requested_by="a", approved_by="b", reason="r")
+    desk.close()
+    ca_files = sorted(p.name for p in (cloud_dir / "ca").iterdir())
+    for name in ("tether.db-wal", "rollouts.db", "other.db-shm"):
+        (cloud_dir / name).write_bytes(b"x")
+    assert cloud.ca_path and ca_files
+    fresh_cloud(str(cloud_dir), "embedded")
+    left = {p.name for p in cloud_dir.iterdir()}
+    assert not left & {"support.db", "rollouts.db", "other.db-shm"}     # (Cloud opens a new tether.db)
+    assert sorted(p.name for p in (cloud_dir / "ca").iterdir()) == ca_files
+    desk = SupportDesk(str(cloud_dir), random_bytes=lambda n: b"\1" * n)
+    try:                                   # the same seeded id again: no UNIQUE failure
+        desk.grant("t", desk.public_key, "viewer", ["d1"], requested_by="a", approved_by="b", reason="r")
+    finally:
+        desk.close()
