@@ -35,6 +35,7 @@ from board.claim_link import ClaimLink
 from board.esp32_net import open_tls
 from board.identity_board import IdentityBoard
 
+HELD_MAX = 16             # link events held during a job: the latest kept
 BITS_PER_PASS = 4         # one 4-bit window of a 256-bit scalar: 64 passes per key, 64 per signature
 
 class Esp32Identity:
@@ -53,6 +54,7 @@ class Esp32Identity:
         self.out = []             # Publish actions for the agent's link
         self.reconnect = False
         self.claim = None         # board/claim_link.py ClaimLink while the core is on the claim endpoint
+        self.held = []            # link events that came while a key or signature was being made
 
     # -- the agent's side -----------------------------------------------------------
 
@@ -94,9 +96,15 @@ class Esp32Identity:
         return self.contexts.device(use.name, use.cert)
 
     def on_link(self, event):
-        """An event of the agent's link (the device endpoint)."""
+        """An event of the agent's link (the device endpoint). While a key or
+        signature is being made the core would let a refusal pass (it waits
+        for KeyMade): the events wait, in order, and reach it after the job."""
         if self.use is not None and self.use.name is None:
             return                # the core is on the claim endpoint: not its link
+        if self.board.busy():
+            self.held.append(event)
+            del self.held[:-HELD_MAX]
+            return
         self._run(lambda: self.core.handle(event))
 
     def busy(self):
@@ -106,6 +114,8 @@ class Esp32Identity:
     def poll(self):
         if self.board.busy():
             self._carry(lambda: self.board.work(self.core))
+        while self.held and not self.board.busy():
+            self.on_link(self.held.pop(0))
         self._run(lambda: self.core.handle(Tick(self.now_ms())))
         if self.claim is not None and self.use is not None and self.use.name is None:
             for event in self.claim.poll():

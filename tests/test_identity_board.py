@@ -197,3 +197,37 @@ def test_stepped_enrollment_start_on_micropython_matches_cpython(tmp_path):
     assert lines["csr"] == identity.csr.hex()
     print("\nMicroPython: stepped key and CSR, %d steps, heap peak %d bytes (budget %d)"
           % (len(MPY_STEPS), report["heap_peak_bytes"], HEAP_KB * 1024))
+
+
+# ---------------------------------------------------------------- the ESP32 driver around it
+
+def test_a_refusal_while_a_rotation_key_is_made_reaches_the_core_after_the_job(tmp_path):
+    """The core waits for KeyMade in KEYGEN and lets a refusal pass there, so
+    Esp32Identity holds the link's events during a job and feeds them in
+    order after it: an expired certificate refused while the rotation's key
+    is made starts the recovery at once (it waited for the next refusal, 8
+    passes later in this rig, before)."""
+    from board import esp32_net
+    from board.esp32_keystore import Esp32Keystore as Keystore
+    from test_review_identity_links import CLAIM_RESP, Rig, issued
+
+    class Patch:
+        def setattr(self, owner, name, value):
+            setattr(owner, name, value)
+
+    rig = Rig(Patch(), keystore=Keystore(SimFlash(), seeded()))
+    assert rig.run_until(lambda: rig.claim.requests())
+    rig.claim.answer(CLAIM_RESP, issued(rig.claim.requests()[-1]["nonce"], rig.clock.now_ms(), life_ms=600_000))
+    assert rig.run_until(lambda: rig.core.state == enroll.ENROLLED and rig.agent.link.state == "up")
+    assert rig.run_until(lambda: rig.identity.busy(), ms=500, limit=5000)      # rotating: the key is being made
+    assert (rig.core.state, rig.core.purpose) == (enroll.KEYGEN, enroll.OP_ROTATE)
+    rig.device.refuse_open = esp32_net.TlsRefused("certificate has expired")
+    rig.device.live[-1].hung_up = True
+    passes = 0
+    while rig.core.purpose == enroll.OP_ROTATE:
+        rig.step()
+        passes += 1
+        assert passes < 1000
+    assert rig.core.purpose == enroll.OP_RECOVER and rig.core.state == enroll.KEYGEN
+    assert passes == 2 * STEPS_PER_SCALAR + 1          # in the pass the rotation's job ended
+    assert any("certificate has expired" in line for line in rig.logged)
