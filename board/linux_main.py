@@ -27,6 +27,7 @@ the encrypted key file and its password and decrypts it at each connect
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -311,10 +312,18 @@ def enroll_main(args):
     if refused():
         raise Refusal("the cloud refused hardware id %s: %s" % (args.hwid, reason.split(":", 1)[1].strip()))
     if reason.startswith(enroll.PENDING + ":"):
-        raise Refusal("hardware id %s is pending operator approval (`tether cloud approve %s`); run "
-                      "enroll again after it" % (args.hwid, args.hwid))
+        raise Refusal("hardware id %s is pending operator approval (`tether cloud approve %s`): the "
+                      "operator checks that `tether cloud enrollments` shows key sha256 %s for it; run "
+                      "enroll again after it" % (args.hwid, args.hwid, key_fingerprint(store, core.slot)))
     last = device.link_errors[-1] if device.link_errors else reason or "no answer"
     raise AgentError("not enrolled within %g s (state %s; last: %s)" % (args.timeout, core.state, last))
+
+
+def key_fingerprint(store, name):
+    """What `tether cloud enrollments` shows for a pending device: the first
+    16 hex digits of SHA-256 over the key's uncompressed point."""
+    public_key = store.public_key(name)
+    return "?" if public_key is None else hashlib.sha256(public_key).hexdigest()[:16]
 
 
 class LoggingEnroller(Enroller):

@@ -153,6 +153,20 @@ async def test_enroll_by_claim_then_again_and_a_stranger_is_refused(cloud, tmp_p
     assert not (tmp_path / "stranger" / "identity.crt").exists()
 
 
+async def test_a_pending_enrollment_shows_the_key_fingerprint_the_operator_compares(cloud, tmp_path):
+    """cloud approve's help: compare the fingerprint `tether cloud enrollments`
+    shows with the device's. The device says it (it said nothing before)."""
+    cloud.provisioning.allow("hw-2", BATCH, "acme", "pi-2", "site-1", "ops", approval=True)
+    rc, out, err = await tether("agent", "enroll", "--data", str(tmp_path / "board"), "--prov-url",
+                                "127.0.0.1:%d" % cloud.prov_port, "--device-port", str(cloud.port),
+                                "--claim-cert", cloud.claim[0], "--claim-key", cloud.claim[1], "--ca",
+                                cloud.ca_path, "--hwid", "hw-2", "--timeout", "8")
+    assert rc == 2 and "pending operator approval" in err, out + err
+    pending = [p for p in cloud.provisioning.pending() if p["hwid"] == "hw-2"]
+    assert len(pending) == 1
+    assert "key sha256 %s" % pending[0]["key_sha256"][:16] in err
+
+
 # ---------------------------------------------------------------- run
 
 async def test_run_sends_samples_skips_bad_ones_and_stops_on_sigterm(cloud, tmp_path):
