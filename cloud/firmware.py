@@ -167,6 +167,7 @@ def build_manifest(payload, hw_class, version, security_version, expires_s, roll
     payload): the device then holds one 4 KiB page of them at a time instead
     of the whole list (1 MiB: 8 KiB of hashes in its heap and in every
     write of its download cursor), and images past 1.75 MiB need it."""
+    _check_build_inputs(payload, hw_class, version, rollout_id, pages)
     table = chunk_table(payload)
     if pages is None:
         pages = len(table) > mf.PAGE_BYTES
@@ -183,6 +184,29 @@ def build_manifest(payload, hw_class, version, security_version, expires_s, roll
     except RemoteError as e:
         raise FirmwareError("manifest: %s" % e.message) from None
     return data
+
+
+def _check_build_inputs(payload, hw_class, version, rollout_id, pages):
+    """The manifest checks that agent.manifest words for a device, worded for
+    the person running the tool (FirmwareError); mf.parse still has the last word."""
+    if not payload:
+        raise FirmwareError("the payload is empty (0 bytes): there is nothing to sign")
+    size_max = mf.INLINE_SIZE_MAX if pages is False else mf.SIZE_MAX
+    if len(payload) > size_max:
+        raise FirmwareError("the payload is %d bytes, over the %s limit of %d bytes (%s)"
+                            % (len(payload), "chunks form's" if pages is False else "manifest's", size_max,
+                               "1.75 MiB; the paged form takes up to 224 MiB" if pages is False
+                               else "224 MiB"))
+    for what, value, chars_max, allowed, shown in (
+            ("hardware class", hw_class, mf.HW_CLASS_CHARS_MAX, mf._NAME_CHARS, "A-Z a-z 0-9 . _ -"),
+            ("version", version, mf.VERSION_CHARS_MAX, mf._VERSION_CHARS, "A-Z a-z 0-9 . _ - +"),
+            ("rollout id", rollout_id, mf.ROLLOUT_CHARS_MAX, mf._NAME_CHARS, "A-Z a-z 0-9 . _ -")):
+        if not isinstance(value, str) or not 1 <= len(value) <= chars_max:
+            raise FirmwareError("%s %r must be 1..%d characters" % (what, value, chars_max))
+        bad = sorted(set(c for c in value if c not in allowed))
+        if bad:
+            raise FirmwareError("%s %r has %s; allowed: %s" % (
+                what, value, ", ".join(repr(c) for c in bad), shown))
 
 
 def sign_bundle(manifest_bytes, keys, keyset_message):

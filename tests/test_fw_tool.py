@@ -148,7 +148,7 @@ def test_inspect_text_and_json(release, capsys):
     assert fw("inspect", "--bundle", release / "ks1.cose", "--json") == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "keyset"
     (release / "junk").write_bytes(b"\xff\x00junk")
-    assert fw("inspect", "--bundle", release / "junk") == 1
+    assert fw("inspect", "--bundle", release / "junk") == 2                  # not a bundle, manifest or key set
 
 
 def build_big(d, size, out, *extra):
@@ -236,3 +236,163 @@ def test_sample_images_rebuild_byte_for_byte(tmp_path):
             assert (tmp_path / "out" / name).read_bytes() == f.read(), name
     total = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(IMAGES) for f in files)
     assert total < 100 * 1024
+
+
+# ------------------------------------------------ a new user's walkthrough (M4, M9, L3, L6, L13)
+
+def build_to(d, out, *when, payload="app.bin", version="1.0.0"):
+    return fw("build", "--payload", d / payload, "--hw-class", "sim-v1", "--version", version,
+              "--security-version", 4, *when, "--rollout-id", "r1", "--out", out)
+
+
+def test_build_refuses_an_expiry_in_the_past_with_readable_times(release, tmp_path, capsys):
+    assert build_to(release, tmp_path / "m", "--expires-in-days", -5, "--now", NOW) == 2
+    err = capsys.readouterr().err
+    assert "not after now" in err and "2023-11-14T22:13:20Z (1700000000)" in err
+    assert build_to(release, tmp_path / "m", "--expires-at", 1000) == 2      # against the clock
+    assert "1970-01-01T00:16:40Z (1000)" in capsys.readouterr().err
+    assert build_to(release, tmp_path / "m", "--expires-in-days", 0, "--now", NOW) == 2
+    assert not (tmp_path / "m").exists()
+
+
+def test_build_warns_when_the_cloud_would_refuse_the_expiry_as_too_soon(release, tmp_path, capsys):
+    from cloud.rollout_release import MIN_VALIDITY_S_DEFAULT
+    days = MIN_VALIDITY_S_DEFAULT // 86400
+    assert build_to(release, tmp_path / "m", "--expires-in-days", days - 1, "--now", NOW) == 0
+    out, err = capsys.readouterr()
+    assert (tmp_path / "m").exists()
+    assert "warning" in err and "%d days (%d s)" % (days, MIN_VALIDITY_S_DEFAULT) in err
+    assert "expires_soon" in err and "2023-12-13T22:13:20Z (1702505600)" in err
+    assert "expires 2023-12-13T22:13:20Z (1702505600)" in out                # readable on stdout too
+    assert build_to(release, tmp_path / "m2", "--expires-in-days", days + 0.5, "--now", NOW) == 0
+    assert "must be added by 2023-11-15T10:13:20Z" in capsys.readouterr().err
+    assert build_to(release, tmp_path / "m3", "--expires-in-days", 180, "--now", NOW) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_the_documented_examples_give_an_expiry_the_cloud_accepts():
+    from cloud.rollout_release import MIN_VALIDITY_S_DEFAULT
+    import re
+    with open(os.path.join(REPO, "README.md")) as f:
+        texts = [f.read(), fw_cli.DESCRIPTION]
+    days = [float(d) for text in texts for d in re.findall(r"fw build .*?--expires-in-days (\S+)", text, re.S)]
+    assert len(days) == 2
+    assert all(d * 86400 >= MIN_VALIDITY_S_DEFAULT + 7 * 86400 for d in days), days
+
+
+def test_out_in_a_missing_directory_is_created_like_keygen(release, tmp_path, capsys):
+    keys = release / "keys"
+    assert fw("keyset", "--root", keys / "root.key", "--release", keys / "release-1.pub",
+              keys / "release-2.pub", "--version", 1, "--out", tmp_path / "a/b/ks.cose") == 0
+    assert build_to(release, tmp_path / "c/d/m", "--expires-in-days", 90, "--now", NOW) == 0
+    assert fw("sign", "--manifest", tmp_path / "c/d/m", "--key", keys / "release-1.key", "--key",
+              keys / "release-2.key", "--keyset", tmp_path / "a/b/ks.cose", "--out", tmp_path / "e/b") == 0
+    assert (tmp_path / "e/b").stat().st_size > 0
+    assert verify(release, "--now", NOW, bundle=tmp_path / "e/b") == 0
+
+
+def test_unwritable_outputs_are_one_line_and_exit_2(release, tmp_path, capsys):
+    (tmp_path / "file").write_bytes(b"x")
+    assert build_to(release, tmp_path / "file/m", "--expires-in-days", 90, "--now", NOW) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err and "not a directory" in err
+    (tmp_path / "dir").mkdir()
+    assert build_to(release, tmp_path / "dir", "--expires-in-days", 90, "--now", NOW) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert fw("keygen", "--out", tmp_path / "file", "--name", "root") == 2
+    assert "is a file" in capsys.readouterr().err
+    assert fw("keygen", "--out", tmp_path / "file/sub", "--name", "root") == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    if os.geteuid() != 0:                                       # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        assert build_to(release, tmp_path / "ro/m", "--expires-in-days", 90, "--now", NOW) == 2
+        assert "Permission denied" in capsys.readouterr().err
+        assert not os.listdir(tmp_path / "ro")
+
+
+def test_key_ids_are_hex_in_refusals(release, tmp_path, capsys):
+    assert fw("keygen", "--out", tmp_path, "--name", "rogue") == 0
+    capsys.readouterr()
+    assert fw("verify", "--bundle", release / "b", "--payload", release / "app.bin", "--root",
+              tmp_path / "rogue.pub", "--hw-class", "sim-v1", "--security-version", 4, "--now", NOW) == 1
+    out = capsys.readouterr().out
+    root_kid = fw_cli.firmware.kid_of(fw_cli.firmware.load_private_key(release / "keys/root.key")).hex()
+    rogue_kid = fw_cli.firmware.kid_of(fw_cli.firmware.load_private_key(tmp_path / "rogue.key")).hex()
+    assert out.startswith("refused: keyset_signature: unknown kid %s" % root_kid)
+    assert rogue_kid in out and "b'" not in out and 'b"' not in out
+
+
+def test_hex_bytes_rewrites_python_bytes_literals():
+    assert fw_cli._hex_bytes("signer b'x\\xdd' is revoked") == "signer 78dd is revoked"
+    assert fw_cli._hex_bytes('kid b"it\'s" twice') == "kid 69742773 twice"
+    assert fw_cli._hex_bytes("nothing here, ab'x'") == "nothing here, ab'x'"
+
+
+def test_expired_refusal_shows_readable_times(release, capsys):
+    assert verify(release, "--now", NOW + 31 * 86400) == 1
+    assert "2023-12-14T22:13:20Z (1702592000)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["verify", "keyset", "revoke"])
+def test_a_private_key_where_a_public_key_belongs_is_refused(release, tmp_path, capsys, command):
+    keys = release / "keys"
+    if command == "verify":
+        status = fw("verify", "--bundle", release / "b", "--payload", release / "app.bin", "--root",
+                    keys / "root.key", "--hw-class", "sim-v1", "--security-version", 4, "--now", NOW)
+        key = keys / "root.key"
+    else:
+        release_keys = [keys / "release-1.key"] if command == "keyset" else [keys / "release-1.pub"]
+        revoke = ["--revoke", keys / "release-2.key"] if command == "revoke" else []
+        key = (release_keys + revoke)[-1]
+        status = fw("keyset", "--root", keys / "root.key", "--release", *release_keys, *revoke,
+                    "--version", 1, "--out", tmp_path / "ks")
+    assert status == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "%s is a private key" % key in captured.err
+    assert str(key)[:-len(".key")] + ".pub" in captured.err
+    assert not (tmp_path / "ks").exists()
+
+
+def test_an_empty_payload_is_named_as_empty(release, tmp_path, capsys):
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert fw("build", "--payload", tmp_path / "empty.bin", "--hw-class", "sim-v1", "--version", "1",
+              "--security-version", 1, "--expires-in-days", 90, "--rollout-id", "r",
+              "--out", tmp_path / "m") == 2
+    assert "is empty (0 bytes)" in capsys.readouterr().err
+    with pytest.raises(fw_cli.FirmwareError, match="empty"):
+        fw_cli.firmware.build_manifest(b"", "sim-v1", "1", 1, NOW, "r")
+
+
+def test_sign_names_what_was_given_instead_of_a_manifest(release, tmp_path, capsys):
+    keys = release / "keys"
+    for given, says in (("app.bin", "is not a manifest"), ("b", "is a bundle, not a manifest"),
+                        ("ks1.cose", "is a key set, not a manifest")):
+        assert fw("sign", "--manifest", release / given, "--key", keys / "release-1.key",
+                  "--keyset", release / "ks1.cose", "--out", tmp_path / "x") == 2
+        err = capsys.readouterr().err
+        assert says in err and "16384" not in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_inspect_of_something_else_is_a_usage_error(release, capsys):
+    for other in ("keys/root.pub", "keys/root.key", "app.bin", "junk"):
+        if other == "junk":
+            (release / "junk").write_bytes(b"\xff\x00junk")
+        assert fw("inspect", "--bundle", release / other) == 2
+        assert "not a bundle, manifest or key set" in capsys.readouterr().err
+    truncated = (release / "b").read_bytes()[:-10]               # a bundle, damaged: refused
+    (release / "cut-b").write_bytes(truncated)
+    assert fw("inspect", "--bundle", release / "cut-b") == 1
+    assert capsys.readouterr().out.startswith("malformed: ")
+
+
+def test_bad_version_lists_the_characters_the_manifest_allows(release, tmp_path, capsys):
+    assert build_to(release, tmp_path / "m", "--expires-in-days", 90, "--now", NOW, version="1 0") == 2
+    err = capsys.readouterr().err
+    assert "' '" in err and "+" in err
+    assert build_to(release, tmp_path / "m", "--expires-in-days", 90, "--now", NOW, version="1.0+b1") == 0
+    fw_cli.firmware.build_manifest(b"x", "sim-v1", "1.0+b1", 1, NOW, "r")
+    with pytest.raises(fw_cli.FirmwareError) as info:
+        fw_cli.firmware.build_manifest(b"x", "sim+v1", "1", 1, NOW, "r")
+    assert "'+'" in info.value.message and "allowed: A-Z a-z 0-9 . _ -" in info.value.message
