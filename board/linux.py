@@ -97,6 +97,9 @@ class LinuxAgent:
     encrypted keyfile (board/keystore.py FileKeystore): ssl decrypts it at
     each connect, so no clear copy of the key is ever written.
 
+    audit: a board.linux_console.AuditLink carrying the field console's
+    audit log to the cloud over this connection, or None.
+
     id_driver: a board.linux_identity.LinuxIdentity to rotate the
     certificate over this connection (and recover an expired one), or None.
     With it, the TLS context of each connect is the id_driver's (the
@@ -105,7 +108,7 @@ class LinuxAgent:
 
     def __init__(self, root, tenant, device, host, port, cafile, certfile, keyfile,
                  config=None, codec=None, clock=None, rng=None, logger=None, ota=None,
-                 key_password=None, id_driver=None):
+                 key_password=None, id_driver=None, audit=None):
         self.storage = FileStorage(root)
         self.clock = clock or SystemClock()
         self.core = telemetry.Telemetry(tenant, device, codec or CODEC, rng or SystemRng(), config)
@@ -120,6 +123,7 @@ class LinuxAgent:
         self.ota = ota
         self.acked = 0      # telemetry records acknowledged since this process started
         self.id_driver = id_driver
+        self.audit = audit
         self.id_inbox = []  # events for the identity core, after the telemetry core's
         self.accepted = False   # the broker sent CONNACK 0 on self.client
         self.sock_error = None  # what paho last logged as a socket error (a TLS alert, say)
@@ -156,6 +160,8 @@ class LinuxAgent:
             self.feed_identity(self.id_inbox.pop(0))
         if self.ota is not None:
             self.ota.step(self.acked)
+        if self.audit is not None:
+            self.audit.step()
 
     def feed_identity(self, event):
         if self.id_driver is not None:
@@ -207,7 +213,7 @@ class LinuxAgent:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_log = self._on_log
-        if self.ota is not None or self.id_driver is not None:
+        if self.ota is not None or self.id_driver is not None or self.audit is not None:
             client.on_message = self._on_message
         self.client = client
         self.accepted = False
@@ -246,6 +252,8 @@ class LinuxAgent:
             if self.id_driver is not None:
                 client.subscribe(self.id_driver.answer_topic, qos=1)
                 self.id_inbox.append(events.Connected(self.clock.now_ms()))
+            if self.audit is not None:
+                self.audit.connected(client)
         else:
             # "Not authorized" -> not_authorized, as the identity core names refusals
             self._lost("refused: %s" % reason_code, str(reason_code).lower().replace(" ", "_"))
@@ -268,6 +276,8 @@ class LinuxAgent:
             self.ota.on_message(message.payload)
         elif self.id_driver is not None and message.topic == self.id_driver.answer_topic:
             self.id_inbox.append(events.Message(self.clock.now_ms(), message.topic, message.payload))
+        elif self.audit is not None and message.topic == self.audit.down_topic:
+            self.audit.on_message(message.payload)
 
     def _lost(self, reason, refused=None, chosen=False):
         """The connection is gone. PUBACKs already received stay queued ahead
@@ -287,6 +297,8 @@ class LinuxAgent:
         self.sent_ms.clear()
         if self.ota is not None:
             self.ota.lost()
+        if self.audit is not None and client is not None:
+            self.audit.lost()
         if client is not None:
             try:
                 client.disconnect()

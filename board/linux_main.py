@@ -45,9 +45,11 @@ from cryptography.hazmat.primitives import serialization
 from agent import enroll
 from agent.actions import Log
 from agent.events import ConnectionLost, Refused
+from agent.manifest import fingerprint
 from board.enroller import Enroller, IdentityBoard, cert_identity
 from board.keystore import FileKeystore
 from board.linux import FileStorage, LinuxAgent, SystemClock, SystemRng
+from board.linux_console import Settings
 from board.linux_identity import LinuxIdentity, Recovery, pem
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2
@@ -131,8 +133,17 @@ then holds the new one. A power cut at any point leaves a working identity.
 A certificate that expired anyway (the board was off through its lifetime)
 is recovered through the provisioning endpoint when run is given
 --prov-url, --claim-cert, --claim-key and --hwid (as enroll takes them; the
-loop waits up to 60 s for it, no samples meanwhile); without them the error
-is logged, and `tether agent enroll` recovers it.
+loop goes on meanwhile, samples are queued); without them the error is
+logged, and `tether agent enroll` recovers it.
+
+Field console (--console PORT --support-key FILE; docs/console.md): the
+technicians' console on the board's serial port (or PORT "pty" to try it:
+the pty's path is logged), grants checked against the support public key,
+every command on the audit log in DATA/console before it runs, the log
+uploaded to the cloud over this connection. Commands act on the running
+agent: status, versions, telemetry, net, log, rotate-identity, set
+sample-interval, reboot (with --slots); rollback and factory-reset are
+refused as unsupported on Linux.
 
 It runs until SIGTERM or SIGINT, then disconnects and exits 0; the queue is
 on disk at every sample, so nothing is lost by a stop or a crash. Run it as
@@ -211,6 +222,13 @@ def add_parser(sub):
     u.add_argument("--version-command", metavar="CMD",
                    help="prints the running image's version; run with TETHER_SLOT and TETHER_SLOT_PATH "
                    "set (default: VERSION_ID from /etc/os-release)")
+    f = r.add_argument_group("field console (give --console and --support-key together; docs/console.md)")
+    f.add_argument("--console", metavar="PORT",
+                   help="serve the technicians' console on this serial port (/dev/ttyS0, /dev/ttyGS0, "
+                        "a pyserial URL), or on a new pty with PORT 'pty' (its path is logged)")
+    f.add_argument("--support-key", metavar="FILE",
+                   help="the support public key grants are checked against (`tether cloud support pubkey`)")
+    f.add_argument("--console-baud", type=int, default=115200, metavar="B", help="(default 115200)")
     c = r.add_argument_group("recovery of an expired certificate (give all four, as `enroll` takes them)")
     c.add_argument("--prov-url", metavar="HOST:PORT", help="the provisioning endpoint")
     c.add_argument("--claim-cert", metavar="FILE", help="the batch's claim certificate")
@@ -556,6 +574,11 @@ def run_main(args):
     agent = LinuxAgent(os.path.join(args.data, TELEMETRY_DIR), tenant, device, args.host, args.port, args.ca,
                        os.path.join(args.data, CERT_FILE), keypath, logger=log, ota=ota,
                        key_password=password, id_driver=id_driver)
+    settings = Settings(args.sample_interval)
+    console = make_console(args, agent, ota, settings)
+    if console is not None:
+        from board.linux_console import AuditLink
+        agent.audit = AuditLink(console, agent.identity, agent.clock)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("running as %s against %s:%d%s; certificate rotated before expiry%s", active["id"], args.host,
@@ -563,25 +586,55 @@ def run_main(args):
              ", recovered through %s if it expires" % args.prov_url if id_driver.recovery else "")
     try:
         agent.boot()             # the queue from the last run, and with --slots the boot record
-        loop(agent, sampler, args.sample_interval, stop)
+        loop(agent, sampler, settings, stop, console)
     finally:
         shutdown(agent)
     return EXIT_OK
 
 
-def loop(agent, sampler, interval_s, stop):
+def loop(agent, sampler, settings, stop, console=None):
+    """Sample every settings.sample_interval_s (the console's `set` may change
+    it), step the agent, and poll the console, until stop."""
     next_sample = time.monotonic()
     skipped = 0
     while not stop.requested:
         now = time.monotonic()
         if now >= next_sample:
-            next_sample = now + interval_s
+            next_sample = now + settings.sample_interval_s
             try:
-                agent.sample(sampler())
+                readings = sampler()
+                agent.sample(readings)
+                if console is not None:
+                    console.commands.sampled(readings)
             except SampleError as e:
                 skipped += 1
                 log.warning("sample skipped (%d so far): %s", skipped, e)
         agent.step(max(0.0, min(STEP_S, next_sample - time.monotonic())))
+        if console is not None:
+            console.poll()
+
+
+def make_console(args, agent, ota, settings):
+    """The field console of --console (board/linux_console.py), or None."""
+    from board import linux_console
+    if not args.console and not args.support_key:
+        return None
+    if not (args.console and args.support_key):
+        raise AgentError("the console needs --console and --support-key together")
+    point = load_root_key(args.support_key)
+    recent = linux_console.RecentLog()
+    logging.getLogger("tether").addHandler(recent)
+    try:
+        stream, where = linux_console.open_port(args.console, args.console_baud)
+    except (OSError, ValueError) as e:     # pyserial's SerialException is an OSError
+        raise AgentError("cannot open the console port %s: %s" % (args.console, e)) from None
+    reboot = None if ota is None else ota.reboot
+    commands = linux_console.LinuxCommands(agent, args.host, args.port, settings, recent, reboot)
+    console = linux_console.LinuxConsole(agent, args.data, {fingerprint(point): point}, args.site,
+                                         stream, commands)
+    log.info("console on %s for %s (grants checked against support key %s)", where, agent.identity,
+             fingerprint(point).hex())
+    return console
 
 
 def shutdown(agent):

@@ -1,0 +1,266 @@
+"""The field console in `tether agent run --console PORT`: agent/console.py
+served by board/console_port.py on a serial port (anything pyserial opens:
+/dev/ttyS0, /dev/ttyAMA0, /dev/ttyGS0 for a USB gadget, rfc2217:// or
+socket:// for a serial server) or on a fresh pty (PORT "pty": its path is
+logged, to try the console on a desk with `tether console /dev/pts/N`).
+
+It is polled from the agent's own loop (no thread): a command acts on the
+running agent directly, after its audit record is on flash. The audit log
+goes to the cloud over the agent's own connection (AuditLink,
+agent/audit_upload.py: t/<tenant>/<device>/audit up, .../support down),
+and the cloud's revocation lists, checkpoints and time come back the same
+way (a revoked grant's open session ends at once). Grants are
+checked against the support public key given (`tether cloud support
+pubkey`); the device id in grants is the identity's device part (pi-1 of
+acme/pi-1, as `tether cloud support grant --device` and the cloud's audit
+streams name it), the site is --site. The audit log and the console's state are in
+DATA/console (the log is bounded; a full log refuses new sessions).
+
+What the commands do on a Linux board:
+  status            identity, certificate expiry, telemetry state and queue
+  versions          the running slot and its version; the update phase (with --slots)
+  telemetry [N]     the last N samples taken (default 10)
+  net               the broker, whether the link is up, records acknowledged
+  log [N]           the agent's last N log lines (default 10)
+  rotate-identity   a new key and certificate now (the identity core's RotateNow)
+  set KEY VALUE     sample-interval SECONDS (this run only)
+  reboot            runs --reboot-command once the session ends (not without --slots)
+  rollback, factory-reset   refused as unsupported here: a rollback is the
+                    updater's (a failed trial rolls back by itself) and a
+                    factory reset of a Linux board is its image's business
+"""
+
+import collections
+import logging
+import os
+import time
+import tty
+
+from agent import audit_upload
+from agent import console as core
+from agent.actions import Log, Publish
+from agent.events import RotateNow
+from board.console_port import ConsolePort, DeviceCommands, PtyStream, boot_console
+from board.linux import FileStorage
+
+CONSOLE_DIR = "console"
+RECENT_MAX = 200
+LINE_CHARS = 160
+BAUD = 115200
+POLL_MS = 1000              # the audit uploader's Poll, at most this often when nothing came
+
+UNSUPPORTED = {
+    "rollback": "a rollback is the updater's: a trial that fails rolls back by itself",
+    "factory-reset": "not on a Linux board: reinstall its image",
+}
+
+
+class RecentLog(logging.Handler):
+    """The agent's last log lines, for the console's `log` command."""
+
+    def __init__(self, size=RECENT_MAX):
+        logging.Handler.__init__(self, logging.INFO)
+        self.lines = collections.deque(maxlen=size)
+
+    def emit(self, record):
+        try:
+            text = record.getMessage()
+        except (TypeError, ValueError):
+            text = str(record.msg)
+        self.lines.append("%s %s %s" % (time.strftime("%H:%M:%S", time.gmtime(record.created)),
+                                        record.levelname.lower(), text[:LINE_CHARS]))
+
+
+class Settings:
+    """What `set` may change while the agent runs."""
+
+    def __init__(self, sample_interval_s):
+        self.sample_interval_s = sample_interval_s
+
+
+class LinuxCommands(DeviceCommands):
+    """DeviceCommands answered from the running agent (board/linux.py LinuxAgent)."""
+
+    def __init__(self, agent, host, port, settings, recent_log, reboot=None):
+        DeviceCommands.__init__(self, agent.identity)
+        self.agent = agent
+        self.broker = "%s:%d" % (host, port)
+        self.settings = settings
+        self.recent_log = recent_log
+        self.samples = collections.deque(maxlen=RECENT_MAX)
+        self.reboot = reboot            # fn() or None
+        self.reboot_asked = False
+
+    def sampled(self, readings):
+        self.samples.append("%s %s" % (time.strftime("%H:%M:%S", time.gmtime()),
+                                       " ".join("%s=%s" % kv for kv in sorted(readings.items()))))
+
+    def run(self, command, args, role):
+        if command in UNSUPPORTED:
+            self.executed.append((command, tuple(args)))
+            return [UNSUPPORTED[command]], "unsupported"
+        if command == "reboot" and self.reboot is None:
+            self.executed.append((command, tuple(args)))
+            return ["no reboot command here (give --slots and --reboot-command)"], "unsupported"
+        if command == "set":
+            problem = _setting_problem(args)
+            if problem is not None:
+                self.executed.append((command, tuple(args)))
+                return [problem], "bad_args"
+        return DeviceCommands.run(self, command, args, role)
+
+    def session_ended(self, reason):
+        DeviceCommands.session_ended(self, reason)
+        if self.reboot_asked:
+            self.reboot_asked = False
+            self.reboot()
+
+    def _status(self, args):
+        a = self.agent
+        lines = ["device %s" % a.identity]
+        driver = a.id_driver
+        active = driver.core.record.get("a") if driver is not None else None
+        if active is not None:
+            lines.append("certificate valid until %s UTC" % time.strftime(
+                "%Y-%m-%d %H:%M", time.gmtime(active["exp"] / 1000)))
+        lines.append("telemetry %s, %d records queued, %d acknowledged since start"
+                     % (a.core.state, len(a.core.queue), a.acked))
+        return lines
+
+    def _versions(self, args):
+        ota = self.agent.ota
+        if ota is None:
+            return ["no update slots (run without --slots)"]
+        boot = ota.updater.boot
+        lines = ["slot %d running %s" % (boot.active, ota.version_of(boot.active)),
+                 "security version %d, update phase %s" % (boot.sv, boot.phase)]
+        if boot.ref:
+            lines.append("update %s into slot %d" % (boot.ref, boot.target))
+        return lines
+
+    def _telemetry(self, args):
+        n = int(args[0]) if args else 10
+        return list(self.samples)[-n:] if n else []
+
+    def _net(self, args):
+        a = self.agent
+        return ["broker %s" % self.broker,
+                "link %s" % ("up" if a.accepted and a.client is not None else "down"),
+                "%d records acknowledged since start" % a.acked]
+
+    def _log(self, args):
+        n = int(args[0]) if args else 10
+        return list(self.recent_log.lines)[-n:] if n else []
+
+    def _reboot(self, args):
+        self.reboot_asked = True
+        return ["rebooting when this session ends"]
+
+    def _rotate_identity(self, args):
+        if self.agent.id_driver is None:
+            return ["no identity driver"]
+        self.agent.feed_identity(RotateNow(self.agent.clock.now_ms()))
+        return ["identity rotation asked: a new key and certificate over this connection"]
+
+    def _set(self, args):
+        self.settings.sample_interval_s = float(args[1])
+        return ["sample-interval = %g s (this run)" % self.settings.sample_interval_s]
+
+
+def _setting_problem(args):
+    if args[0] != "sample-interval":
+        return "only sample-interval SECONDS can be set"
+    try:
+        value = float(args[1])
+    except ValueError:
+        value = 0
+    if not 0 < value <= 86400:
+        return "sample-interval must be seconds in (0, 86400]"
+    return None
+
+
+def open_port(spec, baud=BAUD):
+    """(stream, where) for a port spec: "pty" makes a pty pair and serves the
+    master (where: the slave's path); else pyserial opens spec."""
+    if spec == "pty":
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        return PtyStream(master, 0), os.ttyname(slave)
+    import serial
+    return serial.serial_for_url(spec, baudrate=baud, timeout=0), spec
+
+
+class LinuxConsole:
+    """The console on one port, polled once per pass of the agent's loop."""
+
+    def __init__(self, agent, data_dir, support_keys, site, stream, commands, random_bytes=os.urandom):
+        self.storage = FileStorage(os.path.join(data_dir, CONSOLE_DIR))
+        device_id = agent.identity.partition("/")[2]     # as grants and the cloud name it
+        self.console = boot_console(device_id, site, support_keys, self.storage, random_bytes)
+        self.commands = commands
+        self.port = ConsolePort(stream, self.console, self.storage, commands, agent.clock)
+
+    def poll(self):
+        self.port.poll()
+
+
+class AuditLink:
+    """agent/audit_upload.py's Uploader over LinuxAgent's connection (its
+    `audit` driver): LinuxAgent calls connected(client), lost(),
+    on_message(payload) for down_topic, and step() once per pass. The
+    uploader's publishes go out at QoS 1; what it hands the console's side
+    (audit records, persisted state, a session the revocation ends) is run
+    by the console's port, so a reply reaches the serial line."""
+
+    def __init__(self, linux_console, identity, clock, logger=None):
+        self.console = linux_console
+        self.clock = clock
+        self.log = logger or logging.getLogger("tether.console")
+        self.uploader = audit_upload.Uploader(linux_console.console, identity,
+                                              linux_console.storage.read(audit_upload.CURSOR_FILE))
+        self.down_topic = self.uploader.down
+        self.client = None
+        self.inbox = []
+        self.polled_ms = -POLL_MS
+
+    def connected(self, client):
+        self.client = client
+        client.subscribe(self.down_topic, qos=1)       # before the hello: a broker keeps the order
+        self._feed(audit_upload.Online(self.clock.ticks_ms()))
+
+    def lost(self):
+        self.client = None
+        self.inbox = []
+        self._feed(audit_upload.Offline(self.clock.ticks_ms()))
+
+    def on_message(self, payload):
+        self.inbox.append(bytes(payload))
+
+    def step(self):
+        """The cloud's messages, then a Poll (at most every POLL_MS unless a
+        message came: it reads the log from disk)."""
+        now = self.clock.ticks_ms()
+        if not self.inbox and now - self.polled_ms < POLL_MS:
+            return
+        while self.inbox:
+            self._feed(audit_upload.Received(self.inbox.pop(0), self._log(), now, self._time_s()))
+        self.polled_ms = now
+        self._feed(audit_upload.Poll(self._log(), now, self._time_s()))
+
+    def _log(self):
+        return self.console.storage.read(core.AUDIT_FILE) or b""
+
+    def _time_s(self):
+        return self.clock.now_ms() // 1000
+
+    def _feed(self, event):
+        rest = []
+        for action in self.uploader.feed(event):
+            if isinstance(action, Publish):
+                if self.client is not None:
+                    self.client.publish(action.topic, action.payload, qos=1)
+            elif isinstance(action, Log):
+                self.log.info("audit upload %s: %s", action.code, action.detail)
+            else:
+                rest.append(action)
+        self.console.port.run(rest)
