@@ -153,12 +153,17 @@ a systemd service that restarts it, e.g. /etc/systemd/system/tether-agent.servic
 then `systemctl enable --now tether-agent`.
 
 Exit codes: 0 stopped by a signal (or for a reboot); 1 not enrolled, bad
-files, or a disk error.
+files, or a disk error; 2 options that do not go together or out of range.
 """ % UNIT
 
 
 class AgentError(Exception):
     """A usage or setup problem: printed, exit 1."""
+
+
+class UsageError(AgentError):
+    """Options that do not go together, or a value out of range: exit 2, as
+    argparse's own usage errors."""
 
 
 class Refusal(Exception):
@@ -248,6 +253,9 @@ def main(args):
             return run_main(args)
     except Refusal as e:
         print("refused: %s" % e, file=sys.stderr)
+        return EXIT_REFUSED
+    except UsageError as e:
+        print("usage: %s" % e, file=sys.stderr)
         return EXIT_REFUSED
     except AgentError as e:
         print("error: %s" % e, file=sys.stderr)
@@ -387,7 +395,7 @@ def check_readings(readings):
 def command_sampler(command, timeout_s):
     argv = shlex.split(command)
     if not argv:
-        raise AgentError("--sample-command is empty")
+        raise UsageError("--sample-command is empty")
 
     def sample():
         try:
@@ -502,7 +510,7 @@ def make_ota(args, identity, stop):
     if not any(given):
         return None
     if not all(given):
-        raise AgentError("firmware updates need --slots, --hw-class and --root-key together")
+        raise UsageError("firmware updates need --slots, --hw-class and --root-key together")
     config = up.Config(args.hw_class, load_root_key(args.root_key), k=args.k, trial_acks_min=3,
                        trial_ms_max=int(args.trial_timeout * 1000))
     slots = LinuxSlots(args.slots)
@@ -526,7 +534,7 @@ def make_identity(args, store):
     --claim-cert, --claim-key and --hwid."""
     given = [args.prov_url, args.claim_cert, args.claim_key, args.hwid]
     if any(given) and not all(given):
-        raise AgentError("recovery needs --prov-url, --claim-cert, --claim-key and --hwid together")
+        raise UsageError("recovery needs --prov-url, --claim-cert, --claim-key and --hwid together")
     recovery, hwid, claim = None, NO_CLAIM, NO_CLAIM
     if all(given):
         host, prov_port = host_port(args.prov_url, "--prov-url")
@@ -559,7 +567,7 @@ class Stop:
 
 def run_main(args):
     if args.sample_interval <= 0 or args.sample_timeout <= 0:
-        raise AgentError("--sample-interval and --sample-timeout must be > 0")
+        raise UsageError("--sample-interval and --sample-timeout must be > 0")
     read_file(args.ca, "CA certificate")
     active = load_identity(args.data)
     tenant, _, device = active["id"].partition("/")
@@ -581,7 +589,7 @@ def run_main(args):
         agent.audit = AuditLink(console, agent.identity, agent.clock)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("running as %s against %s:%d%s; certificate rotated before expiry%s", active["id"], args.host,
+    log.info("running as %s against %s:%d%s; the certificate is rotated before it expires%s", active["id"], args.host,
              args.port, ", updates on" if ota is not None else "",
              ", recovered through %s if it expires" % args.prov_url if id_driver.recovery else "")
     try:
@@ -620,7 +628,7 @@ def make_console(args, agent, ota, settings):
     if not args.console and not args.support_key:
         return None
     if not (args.console and args.support_key):
-        raise AgentError("the console needs --console and --support-key together")
+        raise UsageError("the console needs --console and --support-key together")
     point = load_root_key(args.support_key)
     recent = linux_console.RecentLog()
     logging.getLogger("tether").addHandler(recent)
