@@ -170,6 +170,9 @@ def _link(rec, prev_seq, prev_hash, problems):
         problems.append(["gap", prev_seq + 1, "records %d..%d missing" % (prev_seq + 1, seq - 1)])
     elif seq <= prev_seq:
         problems.append(["reorder", seq, "seq %d after %d" % (seq, prev_seq)])
+    elif prev != prev_hash and seq == 0:
+        problems.append(["bad_start", 0, "record 0 does not chain to this device's start "
+                                         "(another device's log?)"])
     elif prev != prev_hash:
         problems.append(["edit", seq - 1, "record %d does not chain to %d" % (seq, seq - 1)])
 

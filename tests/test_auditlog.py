@@ -59,7 +59,7 @@ def test_removed_record_is_a_gap_and_reordered_records_are_caught():
 def test_head_removed_or_chain_from_another_device():
     bodies = frames(make_log(4))
     assert problems(b"".join(journal.frame(b) for b in bodies[1:])) == (["bad_start"], True)
-    assert problems(make_log(4, "d2"), "d1") == (["edit"], True)
+    assert problems(make_log(4, "d2"), "d1") == (["bad_start"], True)    # as docs/console.md names it
 
 
 def test_truncation_is_found_only_against_a_checkpoint():
