@@ -10,7 +10,8 @@ history in ~/.tether_console_history) when stdin is a terminal.
 Exit codes:
   0  session opened and every command succeeded
   1  the device refused: the grant, the answer, a command, or it is locked
-  2  usage: a file missing or unreadable, a bad key or grant file
+  2  usage: a file missing or unreadable, a bad key or grant file, a bad
+     option (--timeout must be more than 0)
   3  the port cannot be opened, or the device did not answer in time
 """
 
@@ -140,7 +141,9 @@ class Session:
         except (OSError, ValueError) as e:     # pyserial's SerialException is an OSError
             raise PortError("cannot read from the port: %s" % e) from None
         if not raw.endswith(b"\n"):
-            raise PortError("the device did not answer (timeout)", "timeout")
+            timeout = getattr(self.port, "timeout", None)
+            raise PortError("the device did not answer" + (" within %g s" % timeout if timeout else ""),
+                            "timeout")
         return raw.rstrip(b"\r\n").decode("ascii", "replace")
 
 
@@ -154,9 +157,24 @@ def add_parser(subparsers):
     c.add_argument("--key", required=True, help="the technician's private key (PEM, P-256)")
     c.add_argument("--command", "-c", action="append", default=[], dest="commands",
                    help="run this command and exit (repeatable); default: stdin or a prompt")
-    c.add_argument("--baud", type=int, default=115200)
-    c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply")
+    c.add_argument("--baud", type=_positive(int), default=115200,
+                   help="serial line speed in bit/s (default 115200; socket:// and loop:// ignore it)")
+    c.add_argument("--timeout", type=_positive(float), default=10.0,
+                   help="seconds to wait for each reply, more than 0 (default 10)")
     return c
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("not a number: %r" % text) from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError("must be more than 0: %r" % text)
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def main(args):
@@ -241,8 +259,19 @@ def _open_port(url, baud, timeout):
 
 
 def _fail(e):
-    print("tether console: %s (%s)" % (e.message, e.code), file=sys.stderr)
+    print("tether console: %s" % describe(e), file=sys.stderr)
     return getattr(e, "exit_code", EXIT_USAGE)
+
+
+def describe(e):
+    """A CloudError for people: its message, then its code in parentheses when
+    the code adds something (a device's refusal: `expired`, `bad_answer`), not
+    a generic one (an input the tool could not use, `firmware`: the message
+    says what) nor one the message already ends with."""
+    if isinstance(e, firmware.FirmwareError) or e.code in ("cloud", "tool", "port") \
+            or e.message.endswith("(%s)" % e.code):
+        return e.message
+    return "%s (%s)" % (e.message, e.code)
 
 
 def _standalone(argv=None):

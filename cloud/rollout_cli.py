@@ -25,6 +25,7 @@ import time
 
 from cloud import firmware
 from cloud.firmware import FirmwareError
+from cloud.identity_cli import DATA_DEFAULT, DATA_HELP, has_cloud
 from cloud.rollout import Engine, Policy
 from cloud.rollout_plan import RolloutError
 
@@ -49,7 +50,7 @@ def add_parser(csub):
 
 
 def _common(p, who=True):
-    p.add_argument("--data", default="tether-cloud", help="the cloud's data directory")
+    p.add_argument("--data", default=DATA_DEFAULT, help=DATA_HELP)
     if who:
         p.add_argument("--by", default=None, help="who (default: $USER)")
 
@@ -72,34 +73,34 @@ def _add_rollout(csub):
     s.add_argument("--reason", required=True, help="why (change ticket, what it fixes)")
     _common(s)
     a = sub.add_parser("approve", help="approve a rollout (k distinct people, not the requester)")
-    a.add_argument("rollout")
-    a.add_argument("--note", default="", help="what you checked")
+    a.add_argument("rollout", help="rollout id, e.g. ro-1 (from `start` or `status`)")
+    a.add_argument("--note", default="", help="what you checked (recorded; default: none)")
     _common(a)
     for name, text in (("pause", "stop offering; devices mid-update carry on, gates still count"),
                        ("resume", "offer again"), ("abort", "stop for good; outstanding offers withdrawn")):
         c = sub.add_parser(name, help=text)
-        c.add_argument("rollout")
-        c.add_argument("--reason", required=True)
+        c.add_argument("rollout", help="rollout id, e.g. ro-1")
+        c.add_argument("--reason", required=True, help="why (recorded in the rollout's timeline)")
         _common(c)
     rb = sub.add_parser("rollback", help="send the devices that took a halted/aborted rollout to another release")
-    rb.add_argument("rollout")
-    rb.add_argument("--to", required=True, metavar="RELEASE")
-    rb.add_argument("--reason", required=True)
+    rb.add_argument("rollout", help="the halted or aborted rollout's id, e.g. ro-1")
+    rb.add_argument("--to", required=True, metavar="RELEASE", help="registered release to send them to")
+    rb.add_argument("--reason", required=True, help="why (recorded in the rollout's timeline)")
     _common(rb)
     k = sub.add_parser("kill", help="the kill switch: halt every rollout in flight, refuse new ones")
-    k.add_argument("--reason", required=True)
+    k.add_argument("--reason", required=True, help="why (recorded)")
     k.add_argument("--off", action="store_true", help="disengage the kill switch")
     _common(k)
     st = sub.add_parser("status", help="rollouts and their cohorts")
-    st.add_argument("rollout", nargs="?")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("rollout", nargs="?", help="only this rollout (default: all)")
+    st.add_argument("--json", action="store_true", help="JSON instead of text")
     _common(st, who=False)
     al = sub.add_parser("alerts", help="monitoring records: stalled, outdated, failure_rate, halt")
-    al.add_argument("--kind", choices=["stalled", "outdated", "failure_rate", "halt"])
+    al.add_argument("--kind", choices=["stalled", "outdated", "failure_rate", "halt"], help="only this kind")
     al.add_argument("--open", action="store_true", help="only open ones")
     _common(al, who=False)
     ex = sub.add_parser("export", help="plan, approvals, cohort timeline, incidents, rollback records")
-    ex.add_argument("rollout")
+    ex.add_argument("rollout", help="rollout id, e.g. ro-1")
     ex.add_argument("--json", action="store_true", help="JSON (default: readable text)")
     ex.add_argument("--out", metavar="FILE", help="write here instead of stdout")
     _common(ex, who=False)
@@ -118,11 +119,11 @@ def _add_release(csub):
     t.add_argument("--hw-class", required=True, action="append", help="served hardware class; repeat")
     _common(t)
     a = sub.add_parser("add", help="verify and register a release")
-    a.add_argument("--bundle", required=True)
-    a.add_argument("--payload", required=True)
+    a.add_argument("--bundle", required=True, help="the signed bundle from `tether fw build` / `fw sign`")
+    a.add_argument("--payload", required=True, help="the firmware image the bundle's manifest describes")
     _common(a)
     ls = sub.add_parser("list", help="registered releases")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="JSON instead of text")
     _common(ls, who=False)
     rel.set_defaults(group_parser=rel)
 
@@ -133,11 +134,14 @@ def _add_window(csub):
     s = sub.add_parser("set", help="set (or --clear) a tenant's window",
                        description="Devices of TENANT are offered updates only inside this window. "
                        "END before START runs past midnight; START == END is the whole day.")
-    s.add_argument("tenant")
-    s.add_argument("--start", help="HH:MM")
-    s.add_argument("--end", help="HH:MM")
-    s.add_argument("--days", default="mon,tue,wed,thu,fri,sat,sun")
-    s.add_argument("--utc-offset-min", type=int, default=0, help="the tenant's offset from UTC, minutes")
+    s.add_argument("tenant", help="the tenant whose devices the window applies to")
+    s.add_argument("--start", help="HH:MM, the tenant's local time")
+    s.add_argument("--end", help="HH:MM, the tenant's local time")
+    s.add_argument("--days", default="mon,tue,wed,thu,fri,sat,sun",
+                   help="comma-separated days the window opens on, from mon,tue,wed,thu,fri,sat,sun "
+                        "(default: every day), e.g. sat,sun")
+    s.add_argument("--utc-offset-min", type=int, default=0,
+                   help="the tenant's offset from UTC in minutes, e.g. 60 or -300 (default 0)")
     s.add_argument("--clear", action="store_true", help="remove the window (always open)")
     _common(s)
     ls = sub.add_parser("list", help="all windows")
@@ -154,8 +158,9 @@ def main(args):
     if fn is None:
         args.group_parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if not has_cloud(args.data):      # a rollout recorded where no cloud acts on it is lost
+        return EXIT_USAGE
     try:
-        os.makedirs(args.data, exist_ok=True)
         engine = Engine(os.path.join(args.data, DB_NAME), Policy())
     except OSError as e:
         print("tether cloud %s: cannot open %s: %s" % (group, args.data, e), file=sys.stderr)
@@ -259,7 +264,10 @@ def rollout_status(e, args, now):
 
 
 def rollout_alerts(e, args, now):
-    for a in e.alerts(kind=args.kind, open_only=args.open):
+    alerts = e.alerts(kind=args.kind, open_only=args.open)
+    if not alerts:
+        print("no alerts")
+    for a in alerts:
         print("%s %-12s %-24s %s %s" % (_when(a["opened_ms"]), a["kind"], a["subject"],
                                         "open" if a["closed_ms"] is None else "closed " + _when(a["closed_ms"]),
                                         json.dumps(a["detail"], sort_keys=True)))
@@ -302,6 +310,8 @@ def release_list(e, args, now):
     for r in rows:
         print("%-24s sv %-3d keyset %-3d %8d bytes  added %s by %s" % (
             r["id"], r["security_version"], r["keyset_version"], r["size"], _when(r["added_ms"]), r["added_by"]))
+    if not rows:
+        print("no releases")
     return EXIT_OK
 
 
@@ -318,8 +328,11 @@ def window_set(e, args, now):
 
 
 def window_list(e, args, now):
-    for tenant, w in sorted(e.windows().items()):
+    windows = sorted(e.windows().items())
+    for tenant, w in windows:
         print("%-16s %s-%s %s UTC%+d min" % (tenant, w["start"], w["end"], ",".join(w["days"]), w["utc_offset_min"]))
+    if not windows:
+        print("no windows (every tenant's devices may be updated at any time)")
     return EXIT_OK
 
 

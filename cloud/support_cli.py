@@ -5,7 +5,8 @@
 
 Exit codes: 0 done (verify-log: the chain is sound), 1 verify-log or
 findings found tampering, 2 usage or an input the tool cannot use (including a grant
-request without a distinct approver).
+request without a distinct approver, and a --data with no cloud in it: a new
+support key there would be one no device pins).
 """
 
 import argparse
@@ -16,7 +17,9 @@ import os
 import sys
 
 from cloud import firmware
+from cloud.console_tool import describe
 from cloud.errors import CloudError
+from cloud.identity_cli import DATA_DEFAULT, DATA_HELP, has_cloud
 from cloud.support import SupportDesk
 
 EXIT_OK, EXIT_TAMPER, EXIT_USAGE = 0, 1, 2
@@ -47,33 +50,35 @@ def add_parser(cloud_sub):
     g.add_argument("--tech-key", required=True, help="the technician's public key (PEM)")
     g.add_argument("--device", action="append", default=[], help="device id (repeatable)")
     g.add_argument("--site", help="every device at this site")
-    g.add_argument("--role", required=True, choices=["viewer", "technician", "admin"])
+    g.add_argument("--role", required=True, choices=["viewer", "technician", "admin"],
+                   help="which commands the session may run; each role also has the commands of "
+                        "the roles before it (docs/console.md lists them)")
     g.add_argument("--hours", type=float, default=4.0, help="validity (default 4, at most 168)")
     g.add_argument("--reason", required=True, help="why (ticket, visit)")
     g.add_argument("--approved-by", required=True, help="who approved (not the requester)")
     g.add_argument("--requested-by", default=None, help="who asked (default: $USER)")
     g.add_argument("--out", required=True, help="grant file to write")
     rv = sub.add_parser("revoke", help="revoke a grant")
-    rv.add_argument("gid", metavar="GRANT_ID")
+    rv.add_argument("gid", metavar="GRANT_ID", help="the grant's id (`grant` and `review` print it)")
     rv.add_argument("--by", default=None, help="who (default: $USER)")
-    rv.add_argument("--reason", required=True)
+    rv.add_argument("--reason", required=True, help="why (recorded)")
     rv.add_argument("--out", help="also write the signed revocation list here")
     rl = sub.add_parser("revocations", help="write the signed revocation list devices apply")
-    rl.add_argument("--out", required=True)
+    rl.add_argument("--out", required=True, help="file to write the signed list to")
     r = sub.add_parser("review", help="who holds and who held console access, and who approved it")
     r.add_argument("--current", action="store_true", help="only active and pending grants")
     r.add_argument("--json", action="store_true", help="JSON lines")
     v = sub.add_parser("verify-log", help="verify a device's audit log chain (gaps, edits, truncation)")
-    v.add_argument("--device", required=True)
+    v.add_argument("--device", required=True, help="the device id the log is from")
     v.add_argument("--log", required=True, help="the device's audit.log as uploaded")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="JSON instead of text")
     f = sub.add_parser("findings", help="what the cloud found in audit logs uploaded over MQTT")
     f.add_argument("--device", help="tenant/device (default: all)")
     f.add_argument("--json", action="store_true", help="JSON lines")
     pk = sub.add_parser("pubkey", help="write the support public key devices pin")
-    pk.add_argument("--out", required=True)
+    pk.add_argument("--out", required=True, help="file to write the 65-byte point to")
     for p in (g, rv, rl, r, v, f, pk):
-        p.add_argument("--data", default="tether-cloud", help="the cloud's data directory")
+        p.add_argument("--data", default=DATA_DEFAULT, help=DATA_HELP)
     sp.set_defaults(support_parser=sp)
     return sp
 
@@ -83,6 +88,8 @@ def main(args):
     if command is None:
         args.support_parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if not has_cloud(args.data):       # never a new support key in the wrong directory
+        return EXIT_USAGE
     try:
         desk = SupportDesk(args.data)
     except (CloudError, OSError) as e:
@@ -91,8 +98,7 @@ def main(args):
     try:
         return command(desk, args)
     except CloudError as e:
-        print("tether cloud support %s: %s (%s)" % (args.support_command, e.message, e.code),
-              file=sys.stderr)
+        print("tether cloud support %s: %s" % (args.support_command, describe(e)), file=sys.stderr)
         return EXIT_USAGE
     finally:
         desk.close()
@@ -115,13 +121,18 @@ def revoke(desk, args):
     new = desk.revoke(args.gid, _user(args.by), args.reason)
     print("%s %s" % ("revoked" if new else "already revoked", args.gid))
     if args.out:
-        firmware.write_file(args.out, desk.revocation_list())
+        _write_revocations(desk, args.out)
     return EXIT_OK
 
 
 def revocations(desk, args):
-    firmware.write_file(args.out, desk.revocation_list())
+    _write_revocations(desk, args.out)
     return EXIT_OK
+
+
+def _write_revocations(desk, path):
+    firmware.write_file(path, desk.revocation_list())
+    print("signed revocation list written to %s" % path)
 
 
 def review(desk, args):
@@ -163,6 +174,8 @@ def findings(desk, args):
         else:
             print("%s %-24s %-10s seq %-6d %s%s" % (_utc(row["at"]), row["identity"], row["kind"], row["seq"],
                                                  "TAMPER " if row["tamper"] else "", row["detail"]))
+    if not rows and not args.json:
+        print("no findings" + (" for %s" % args.device if args.device else ""))
     return EXIT_TAMPER if any(r["tamper"] for r in rows) else EXIT_OK
 
 

@@ -7,6 +7,7 @@ import os
 from cloud import cli
 from cloud.rollout import Engine, Policy
 from cloud.rollout_cli import DB_NAME
+from cloud.service import Cloud
 
 IMAGES = os.path.join(os.path.dirname(__file__), "..", "firmware-images")
 
@@ -23,6 +24,7 @@ def tether(capsys, *argv):
 
 def test_release_window_rollout_lifecycle_and_export(tmp_path, capsys):
     data = tmp_path / "cloud"
+    Cloud(str(data)).registry.close()   # the commands refuse a --data with no cloud (M8 of a walkthrough)
     d = ("--data", data)
     assert tether(capsys, "cloud", "releases", "trust", "--root", img("keys/root.pub"), "--k", 2,
                   "--hw-class", "sim-v1", "--by", "alice", *d)[0] == 0
@@ -87,6 +89,7 @@ def test_usage_errors_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert tether(capsys, "cloud", "rollout")[0] == 2
     assert not os.path.exists(tmp_path / "tether-cloud")           # nothing created for a usage error
+    Cloud(str(tmp_path)).registry.close()   # the commands refuse a --data with no cloud (M8 of a walkthrough)
     status, out = tether(capsys, "cloud", "releases", "add", "--bundle", tmp_path / "missing",
                          "--payload", tmp_path / "missing", "--by", "a", "--data", tmp_path)
     assert status == 2 and "cannot read bundle" in out

@@ -10,6 +10,7 @@ from agent import auditlog, grant
 from agent.manifest import fingerprint
 from cloud import firmware
 from cloud.cli import main
+from cloud.service import Cloud
 from simulator.console_drill import drop_last_records, edit_record
 
 
@@ -21,6 +22,7 @@ def cli(capsys, *argv):
 
 def test_grant_review_revoke_through_the_cli(tmp_path, capsys):
     data = str(tmp_path / "cloud")
+    Cloud(data).registry.close()        # the commands refuse a --data with no cloud (M8 of a walkthrough)
     _, pub, _ = firmware.write_keypair(str(tmp_path), "alice")
     base = ["cloud", "support", "grant", "--data", data, "--technician", "alice", "--tech-key", pub,
             "--device", "d1", "--device", "d2", "--role", "technician", "--hours", "2",
@@ -56,6 +58,7 @@ def test_grant_review_revoke_through_the_cli(tmp_path, capsys):
 
 def test_verify_log_exit_codes_and_checkpoints(tmp_path, capsys):
     data = str(tmp_path / "cloud")
+    Cloud(data).registry.close()        # the commands refuse a --data with no cloud (M8 of a walkthrough)
     chain = auditlog.AuditChain("d1")
     log = b"".join(chain.record(1_800_000_000, "command", {"i": i}) for i in range(5))
     path = str(tmp_path / "audit.log")

@@ -213,6 +213,7 @@ def test_findings_through_the_cli(tmp_path, capsys, kind):
     from cloud.cli import main
     from cloud.support_mqtt import SupportHandler
     data = str(tmp_path / "cloud")
+    Cloud(data).registry.close()        # the commands refuse a --data with no cloud (M8 of a walkthrough)
     desk = SupportDesk(data)
     handler = SupportHandler(desk, desk.clock_s)
     handler.handle("t/acme/dev-1/audit", up.hello(5, bytes(32), bytes(8)))
