@@ -231,6 +231,20 @@ class Store:
             "SELECT COUNT(*) FROM devices").fetchone()[0]
         return counts
 
+    def dead_letter_counts(self, identities, since_ms=0):
+        """{reason: count} of the dead letters from these certificate
+        identities received at or after since_ms: what one run of the fleet
+        simulator caused in a long-lived store. Aggregates only, like
+        fleet_counts()."""
+        wanted = set(identities)
+        counts = {}
+        for identity, reason, n in self._db.execute(
+                "SELECT identity, reason, COUNT(*) FROM dead_letters"
+                " WHERE received_ms >= ? GROUP BY identity, reason", (since_ms,)):
+            if identity in wanted:
+                counts[reason] = counts.get(reason, 0) + n
+        return counts
+
     def unattributed_dead_letters(self, limit=100):
         """Dead letters whose identity did not parse (tenant unknown)."""
         return _dead_letter_dicts(self._db.execute(
@@ -299,6 +313,12 @@ class TenantView:
     def missing(self, device=None, include_closed=False, limit=ROWS_MAX):
         """Missing-data records, open ones only unless include_closed."""
         return [m.as_dict() for m in self._missing(device, None, include_closed,
+                                                    limit)]
+
+    def missing_in_epoch(self, device, epoch, include_closed=False, limit=ROWS_MAX):
+        """Missing-data records of one stream (device, epoch), open ones
+        only unless include_closed."""
+        return [m.as_dict() for m in self._missing(device, epoch, include_closed,
                                                     limit)]
 
     def dead_letters(self, limit=ROWS_MAX):

@@ -2,6 +2,7 @@
 speaking MQTT over its own mTLS connection. Many of these share one loop."""
 
 import asyncio
+import re
 import ssl
 import struct
 
@@ -18,6 +19,36 @@ CONNECT_TIMEOUT_S = 10
 ACK_TIMEOUT_MS = 15000
 
 
+def _ssl_text(exc):
+    """'tlsv1 alert unknown ca' out of '[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1
+    alert unknown ca (_ssl.c:2580)'."""
+    text = str(exc)
+    m = re.search(r"\]\s*(.*?)\s*\(_ssl\.c:\d+\)", text)
+    if m and m.group(1):
+        return m.group(1)
+    reason = getattr(exc, "reason", None)
+    return reason.lower().replace("_", " ") if reason else text
+
+
+def connect_error(exc):
+    """(reason, message) of a failed connection attempt. The reason groups
+    attempts in the run's tally: short, and the same for every device that
+    fails the same way; the message is the error as Python gave it."""
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out", "no TCP and TLS connection within %d s" % CONNECT_TIMEOUT_S
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = (exc.verify_message or _ssl_text(exc)).rstrip(".")
+        return "certificate verify failed: %s" % detail, message
+    if isinstance(exc, ssl.SSLError):
+        return "TLS refused: %s" % _ssl_text(exc), message
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused", message
+    if isinstance(exc, OSError):
+        return (exc.strerror or type(exc).__name__).lower(), message
+    return type(exc).__name__, message
+
+
 class Link(asyncio.Protocol):
     """The byte pipe of one connection; all decisions are the device's."""
 
@@ -27,6 +58,7 @@ class Link(asyncio.Protocol):
         self.parser = mqtt.Parser() if device.ota is None else mqtt.Parser(device.ota.packet_bytes_max)
         self.transport = None
         self.timer = None
+        self.gave_up = False   # we closed it before its CONNACK (timeout): counted already
 
     def connection_made(self, transport):
         self.transport = transport
@@ -45,6 +77,8 @@ class Link(asyncio.Protocol):
         self.timer = None
         if self.device.link is not self and not self.transport.is_closing():
             self.device.note("connack_timeout", "no CONNACK in %d s" % CONNECT_TIMEOUT_S)
+            self.device.connect_failed("no CONNACK", "TLS up, but no CONNACK within %d s" % CONNECT_TIMEOUT_S)
+            self.gave_up = True
             self.transport.abort()
 
     def abort(self):
@@ -68,6 +102,14 @@ class Link(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.device.pending is self and not self.gave_up:
+            # Closed before any CONNACK: with TLS 1.3 a broker refusing our
+            # certificate says so here, after the handshake seemed to pass.
+            if exc is None:
+                self.device.connect_failed("closed by the broker before CONNACK",
+                                           "the connection closed after the TLS handshake, before any CONNACK")
+            else:
+                self.device.connect_failed(*connect_error(exc))
         self.device.on_link_lost(self, "connection lost" if exc is None else str(exc))
 
 
@@ -243,7 +285,9 @@ class VirtualDevice:
                 CONNECT_TIMEOUT_S)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:
             if self.pending is not None:
+                self.pending.gave_up = True
                 self.pending.abort()  # it may have finished TLS just as we gave up
+            self.connect_failed(*connect_error(e))
             self.lost("connect failed: %s" % (e.__class__.__name__,))
             if isinstance(e, ssl.SSLError):  # TLS refused our certificate: the identity core decides
                 self.feed_identity(events.Refused(self.fleet.now_ms(), refusal_reason(e)))
@@ -283,6 +327,7 @@ class VirtualDevice:
         if link is not self.pending or not self.fleet.network_up or self.core.state != telemetry.CONNECTING:
             # e.g. the connect timed out (the core was told) just as TLS finished
             self.note("unexpected_connack", "CONNACK on a connection not waiting for one")
+            link.gave_up = True
             link.abort()
             return
         if link.timer is not None:
@@ -291,6 +336,8 @@ class VirtualDevice:
         self.pending = None
         if packet.return_code != 0:
             self.note("refused", mqtt.connack_reason(packet.return_code))
+            self.connect_failed("CONNECT refused: %s" % mqtt.connack_reason(packet.return_code),
+                                "CONNACK return code %d" % packet.return_code)
             self.feed_identity(events.Refused(self.fleet.now_ms(), mqtt.connack_reason(packet.return_code)))
             link.abort()
             return
@@ -335,6 +382,12 @@ class VirtualDevice:
 
     def note(self, code, detail):
         self.fleet.metrics.note(code)
+
+    def connect_failed(self, reason, message):
+        """A connection attempt failed for a reason of the broker's or the
+        network's (not a cut we made, not our own shutdown): tallied."""
+        if self.fleet.network_up and not self.fleet.closing:
+            self.fleet.metrics.connect_error(reason, message)
 
     def idle(self):
         return not self.core.queue and self.link is not None

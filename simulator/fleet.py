@@ -3,6 +3,7 @@
 
 import asyncio
 import random
+import ssl
 import time
 
 from agent import events, telemetry
@@ -36,9 +37,26 @@ class Metrics:
         self.connect_attempts = 0
         self.notes = {}
         self.timeline = []   # one row a second: see Fleet.sample_timeline
+        self.connect_errors = {}  # reason -> {"reason", "count", "first"}: why connects failed
 
     def note(self, code):
         self.notes[code] = self.notes.get(code, 0) + 1
+
+    def connect_error(self, reason, message):
+        """One failed connection attempt (no CONNACK accepted), grouped by
+        reason; the first message of each reason is kept."""
+        entry = self.connect_errors.get(reason)
+        if entry is None:
+            entry = self.connect_errors[reason] = {"reason": reason, "count": 0, "first": message}
+        entry["count"] += 1
+
+    def connect_error_tally(self):
+        """[{"reason", "count", "first"}], the most frequent first."""
+        return sorted((dict(e) for e in self.connect_errors.values()), key=lambda e: (-e["count"], e["reason"]))
+
+
+class CredentialError(ValueError):
+    """A device credential (or the CA bundle) could not be loaded."""
 
 
 def client_context(cafile, certfile, keyfile):
@@ -76,7 +94,12 @@ class Fleet:
                     self, cred.tenant, cred.device, cred.context, seed * 1_000_003 + i, dev_config,
                     self.epoch_base, flash=enrolled.board.flash, id_core=enrolled.core, id_board=enrolled.board))
                 continue
-            ctx = client_context(cafile, cred.certfile, cred.keyfile)
+            try:
+                ctx = client_context(cafile, cred.certfile, cred.keyfile)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                raise CredentialError("cannot load the credential of %s/%s (%s, %s): %s" % (
+                    cred.tenant, cred.device, cred.certfile, cred.keyfile,
+                    getattr(e, "strerror", None) or e)) from None
             self.devices.append(VirtualDevice(self, cred.tenant, cred.device, ctx,
                                               seed * 1_000_003 + i, dev_config, self.epoch_base))
 

@@ -122,6 +122,12 @@ def render(summary, timeline, marks=(), title="tether run", versions=None, versi
         for c in summary["checks"])
     tele = "".join("<tr><td>%s</td><td>%s</td></tr>" % (html.escape(k), html.escape(str(v)))
                    for k, v in summary["telemetry"].items())
+    errors = summary.get("connect_errors") or []
+    if errors:  # why devices could not connect (tether sim run)
+        tele += '</table><h2>Connect errors</h2><table><tr><th>attempts</th><th>reason</th><th>first</th></tr>'
+        tele += "".join("<tr><td>%d</td><td>%s</td><td>%s</td></tr>" % (
+            e["count"], html.escape(e["reason"] + (" (%s)" % e["hint"] if e.get("hint") else "")),
+            html.escape(e["first"])) for e in errors)
     ok = all(c["passed"] for c in summary["checks"])
     charts = "\n".join([
         line_chart("Devices connected", timeline, "connected", "#2b6cb0", marks),

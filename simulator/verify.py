@@ -2,6 +2,8 @@
 acknowledged with what the cloud stored and declared missing, and build the
 summary.json contract (docs/design.md, README)."""
 
+import time
+
 
 class Check:
     def __init__(self, name, passed, detail):
@@ -21,34 +23,73 @@ def device_truth(dev):
     return generated, dev.acked.to_set(), dev.dropped.to_set()
 
 
-def cloud_truth(view, device):
-    """(stored keys, declared-missing keys, silent-missing keys) in the cloud."""
-    stored = set()
+ROWS_PER_READ = 10_000
+
+
+def run_epochs(dev):
+    """The epochs one virtual device wrote in this run: its own streams."""
+    epochs = set(dev.generated)  # acked and dropped keys are generated ones
+    if dev.core is not None and dev.core.epoch >= 0:
+        epochs.add(dev.core.epoch)
+    return epochs
+
+
+def _cloud_view(view, device, epochs=None):
+    """(telemetry rows, open missing-data records) of one device; only of
+    `epochs` when given (a run's own streams in a long-lived store)."""
     # Flagged rows (a quarantined device's) are kept apart, not lost.
-    rows = view.telemetry(device=device, limit=10_000, include_flagged=True)
-    stored.update((r["epoch"], r["seq"]) for r in rows)
-    if len(rows) == 10_000:
-        raise RuntimeError("device %s has over 10,000 rows: verification needs paging" % device)
-    declared, silent = set(), set()
-    for m in view.missing(device=device):
+    if epochs is None:
+        rows = view.telemetry(device=device, limit=ROWS_PER_READ, include_flagged=True)
+        if len(rows) == ROWS_PER_READ:
+            raise RuntimeError("device %s has over 10,000 rows: verification needs paging" % device)
+        return rows, view.missing(device=device)
+    rows, missing = [], []
+    for epoch in sorted(epochs):
+        part = view.telemetry(device=device, epoch=epoch, limit=ROWS_PER_READ, include_flagged=True)
+        if len(part) == ROWS_PER_READ:
+            raise RuntimeError("device %s has over 10,000 rows in epoch %d: verification needs paging"
+                               % (device, epoch))
+        rows.extend(part)
+        missing.extend(view.missing_in_epoch(device, epoch))
+    return rows, missing
+
+
+def _cloud_sets(view, device, epochs=None):
+    rows, missing = _cloud_view(view, device, epochs)
+    stored = {(r["epoch"], r["seq"]) for r in rows}
+    declared, silent, silent_records = set(), set(), 0
+    for m in missing:
         keys = {(m["epoch"], s) for s in range(m["first_seq"], m["last_seq"] + 1)}
-        (declared if m["kind"] == "declared" else silent).update(keys)
-    return stored, declared, silent
+        if m["kind"] == "declared":
+            declared.update(keys)
+        else:
+            silent.update(keys)
+            silent_records += 1
+    return stored, declared, silent, silent_records
 
 
-def reconcile(devices, store):
-    """Totals over the fleet, device side against cloud side."""
+def cloud_truth(view, device, epochs=None):
+    """(stored keys, declared-missing keys, silent-missing keys) in the
+    cloud; of the given epochs only, when given."""
+    return _cloud_sets(view, device, epochs)[:3]
+
+
+def reconcile(devices, store, own_epochs=False):
+    """Totals over the fleet, device side against cloud side. own_epochs:
+    read only each device's epochs of this run (a store other runs share)."""
     t = {"generated": 0, "acked": 0, "stored": 0, "declared_drops": 0, "silent_missing": 0,
-         "acked_not_stored": 0, "unaccounted": 0, "lost": 0, "device_declared": 0,
+         "silent_gaps": 0, "acked_not_stored": 0, "unaccounted": 0, "lost": 0, "device_declared": 0,
          "declared_mismatch": 0}
     for dev in devices:
         generated, acked, dropped = device_truth(dev)
-        stored, declared, silent = cloud_truth(store.tenant(dev.tenant), dev.device)
+        stored, declared, silent, silent_records = _cloud_sets(
+            store.tenant(dev.tenant), dev.device, run_epochs(dev) if own_epochs else None)
         t["generated"] += len(generated)
         t["acked"] += len(acked)
         t["stored"] += len(stored & generated)
         t["declared_drops"] += len(declared)
         t["silent_missing"] += len(silent)
+        t["silent_gaps"] += silent_records
         t["acked_not_stored"] += len(acked - stored)
         t["unaccounted"] += len(generated - stored - declared)
         t["lost"] += len((acked - stored) | (generated - stored - declared))
@@ -59,9 +100,39 @@ def reconcile(devices, store):
     return t
 
 
-def summarize(fleet, store, duration_s, drained, extra_checks=()):
-    t = reconcile(fleet.devices, store)
-    counts = store.fleet_counts()
+class RunScope:
+    """What one run may count in a cloud store other runs share (a
+    long-lived cloud under CI): its own devices, their epochs of this run,
+    and the dead letters of its identities received since it started.
+    Duplicates are counted per tenant by the cloud, so they are this run's
+    tenants' increase over the run (another client of those tenants
+    sending duplicates meanwhile would be counted too)."""
+
+    def __init__(self, store, devices, since_ms):
+        self.since_ms = since_ms
+        self.identities = sorted("%s/%s" % (d.tenant, d.device) for d in devices)
+        self.tenants = sorted({d.tenant for d in devices})
+        self.duplicates_before = self.duplicates(store)
+
+    def duplicates(self, store):
+        return sum(store.tenant(t).counts().get("duplicates_dropped", 0) for t in self.tenants)
+
+    def describe(self):
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.since_ms / 1000))
+        return ("cloud store, this run only: its %d devices, their epochs of this run, their dead "
+                "letters since %s.%03dZ" % (len(self.identities), since, self.since_ms % 1000))
+
+
+def summarize(fleet, store, duration_s, drained, extra_checks=(), scope=None):
+    """scope: a RunScope, for a store other runs share (`tether sim run
+    --store`); None counts the whole store (a cloud made for this run)."""
+    t = reconcile(fleet.devices, store, own_epochs=scope is not None)
+    if scope is None:
+        counts = store.fleet_counts()
+    else:
+        counts = {"duplicates_dropped": max(0, scope.duplicates(store) - scope.duplicates_before),
+                  "silent_gaps": t["silent_gaps"],
+                  "dead_lettered": sum(store.dead_letter_counts(scope.identities, scope.since_ms).values())}
     lost = t["lost"]  # each lost record once, whether acknowledged or not
     telemetry = {
         "generated": t["generated"], "acked": t["acked"], "stored": t["stored"],
@@ -97,5 +168,8 @@ def summarize(fleet, store, duration_s, drained, extra_checks=()):
               "%d of %d connected" % (fleet.connected(), n)),
     ]
     checks.extend(extra_checks)
-    return {"devices": n, "duration_s": round(duration_s, 2), "telemetry": telemetry,
-            "checks": [c.as_dict() for c in checks]}
+    summary = {"devices": n, "duration_s": round(duration_s, 2), "telemetry": telemetry,
+               "checks": [c.as_dict() for c in checks]}
+    if scope is not None:
+        summary["verification"] = scope.describe()
+    return summary

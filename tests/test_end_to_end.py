@@ -126,7 +126,10 @@ def test_sim_run_against_cloud_serve_and_its_exit_codes(tmp_path):
         summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
         assert summary["telemetry"]["lost"] == 0 and summary["telemetry"]["stored"] > 0
         # Verified against a store that never saw the records: must fail, exit 1.
+        # (A --store path that does not exist is a usage error, exit 2: make an empty store.)
+        from cloud.store import Store
         empty = tmp_path / "empty.db"
+        Store(str(empty)).close()
         bad = subprocess.run(TETHER + common + ["--creds", str(data / "devices"), "--store", str(empty),
                                                 "--out", str(tmp_path / "bad")], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
