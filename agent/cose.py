@@ -17,6 +17,7 @@
 # malformed key or signature value.
 
 import hashlib
+from binascii import hexlify
 
 from agent import cbor
 from agent.p256 import SignatureError, Verifier
@@ -108,5 +109,12 @@ def _pick_key(protected, unprotected, keys):
     if not isinstance(kid, bytes):
         raise SignatureError("kid must be a byte string", "malformed")
     if kid not in keys:
-        raise SignatureError("unknown kid %r" % (kid,), "unknown_kid")
+        raise SignatureError("unknown kid %s" % kid_text(kid), "unknown_kid")
     return keys[kid]
+
+
+def kid_text(kid):
+    """A key id for a message: hex if it is bytes, else its repr (hostile input)."""
+    if isinstance(kid, (bytes, bytearray)):
+        return hexlify(kid).decode()
+    return repr(kid)[:40]

@@ -400,7 +400,7 @@ def parse_keyset(payload):
     for kid in revoked:
         _check_bstr(kid, KID_BYTES, "revoked kid", "bad_keyset")
         if kid in keys:
-            raise ManifestError("kid %r is both listed and revoked" % (kid,), "bad_keyset")
+            raise ManifestError("kid %s is both listed and revoked" % cose.kid_text(kid), "bad_keyset")
     return KeySet(version, keys, revoked)
 
 
@@ -429,9 +429,9 @@ def _check_release_key(kid, public_key):
     try:
         parse_public_key(public_key)
     except SignatureError as error:
-        raise ManifestError("key set key %r: %s" % (kid, error.message), "bad_keyset")
+        raise ManifestError("key set key %s: %s" % (cose.kid_text(kid), error.message), "bad_keyset")
     if fingerprint(public_key) != kid:
-        raise ManifestError("kid %r is not the fingerprint of its key" % (kid,), "bad_keyset")
+        raise ManifestError("kid %s is not the fingerprint of its key" % cose.kid_text(kid), "bad_keyset")
 
 
 # ---------------------------------------------------------------- k-of-n release signatures
@@ -556,14 +556,14 @@ def _signer(message, keyset, signers):
         raise ManifestError("signature envelope: %s" % error.message, "malformed")
     kid = protected.get(cose.LABEL_KID, unprotected.get(cose.LABEL_KID))
     if kid in keyset.revoked:
-        raise ManifestError("signer %r is revoked by key set %d" % (kid, keyset.version),
+        raise ManifestError("signer %s is revoked by key set %d" % (cose.kid_text(kid), keyset.version),
                             "revoked_signer")
     if not isinstance(kid, bytes) or kid not in keyset.keys:
-        raise ManifestError("signer %r is not in key set %d" % (kid, keyset.version),
+        raise ManifestError("signer %s is not in key set %d" % (cose.kid_text(kid), keyset.version),
                             "unknown_signer")
     for other, _ in signers:
         if other == kid:
-            raise ManifestError("signer %r signed twice" % (kid,), "duplicate_signer")
+            raise ManifestError("signer %s signed twice" % cose.kid_text(kid), "duplicate_signer")
     return kid, message
 
 
