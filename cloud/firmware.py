@@ -78,12 +78,16 @@ def load_private_key(path):
 
 
 def load_public_key(path):
-    """65 bytes from a PEM public key, a PEM private key, or a raw 65-byte point."""
+    """65 bytes from a PEM public key or a raw 65-byte point. A private key
+    is refused: where a public key belongs, a private one must not travel."""
     data = read_file(path, "public key")
     if len(data) == 65 and data[0] == 4:
         return data
     if b"PRIVATE KEY" in data:
-        return public_bytes(load_private_key(path))
+        stem, ext = os.path.splitext(path)
+        hint = stem + ".pub" if ext == ".key" else "the .pub file `tether fw keygen` wrote beside it"
+        raise FirmwareError("%s is a private key; give the public key (%s) instead: a private key "
+                            "stays with its owner and is never handed to another tool" % (path, hint))
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as e:

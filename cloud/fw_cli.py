@@ -208,12 +208,7 @@ def _write(path, data):
 
 
 def _public_key(path):
-    """firmware.load_public_key, refusing a private key where a public one belongs."""
-    if b"PRIVATE KEY" in firmware.read_file(path, "public key"):
-        stem, ext = os.path.splitext(path)
-        hint = stem + ".pub" if ext == ".key" else "the .pub file `tether fw keygen` wrote beside it"
-        raise FirmwareError("%s is a private key; give the public key (%s) instead: a private key "
-                            "stays with its owner and is never handed to another tool" % (path, hint))
+    """firmware.load_public_key (which refuses a private key where a public one belongs)."""
     return firmware.load_public_key(path)
 
 

@@ -315,3 +315,21 @@ def test_empty_listings_and_written_files_are_said(tmp_path, capsys):
     rl2 = tmp_path / "rl2.cose"
     code, out, _ = cli(capsys, "cloud", "support", "revoke", gid, "--reason", "done", "--out", rl2, "--data", data)
     assert code == 0 and out.startswith("revoked " + gid) and "written to %s" % rl2 in out and rl2.exists()
+
+
+# ---------------------------------------------------------------- L6: private keys where public ones belong
+
+def test_a_private_key_where_a_public_one_belongs_is_refused_everywhere(tmp_path, capsys):
+    """releases trust --root and support grant --tech-key took a private key
+    (and used its public half); every command that wants a public key now
+    refuses one, naming the .pub to give instead."""
+    data = make_cloud(tmp_path / "cloud")
+    key_path = firmware.write_keypair(str(tmp_path / "keys"), "root")[0]
+    code, out, err = cli(capsys, "cloud", "releases", "trust", "--root", key_path, "--k", "1",
+                         "--hw-class", "sim-v1", "--data", data)
+    assert code == 2 and "is a private key" in out + err and "root.pub" in out + err
+    code, out, err = cli(capsys, "cloud", "support", "grant", "--technician", "alice", "--tech-key", key_path,
+                         "--device", "d1", "--role", "viewer", "--hours", "1", "--reason", "r",
+                         "--approved-by", "bob", "--requested-by", "carol", "--out", tmp_path / "g", "--data", data)
+    assert code == 2 and "is a private key" in out + err
+    assert not (tmp_path / "g").exists()
