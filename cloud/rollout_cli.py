@@ -210,6 +210,7 @@ def rollout_start(e, args, now):
     print("%s requested by %s: %s, %d stages; awaiting %d approvals (not the requester)"
           % (rid, status["requested_by"], args.release, len(status["plan"]["stages"]),
              status["approvals_required"]))
+    _note_if_no_devices(e, args.release)
     return EXIT_OK
 
 
@@ -217,7 +218,18 @@ def rollout_approve(e, args, now):
     count = e.approve(args.rollout, _by(args), now, args.note)
     status = e.status(args.rollout)
     print("%s: %d of %d approvals; %s" % (args.rollout, count, status["approvals_required"], status["state"]))
+    _note_if_no_devices(e, status["release"])
     return EXIT_OK
+
+
+def _note_if_no_devices(e, release):
+    """Cohorts are chosen from the devices known when the rollout runs: say
+    so when none of the release's hardware class is known yet."""
+    hw_class = e.release(release)["hw_class"]
+    if not any(d["hw_class"] == hw_class for d in e.devices()):
+        print("note: no device of hardware class %s has said hello to this cloud yet: cohorts are "
+              "chosen from the devices known when the rollout runs, so it would complete with "
+              "nothing to do; start it once devices are connected" % hw_class, file=sys.stderr)
 
 
 def _simple(name):

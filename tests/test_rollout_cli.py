@@ -96,3 +96,24 @@ def test_usage_errors_exit_2(tmp_path, capsys, monkeypatch):
     status, out = tether(capsys, "cloud", "releases", "add", "--bundle", img("sim-v1-1.0.0.bundle"),
                          "--payload", img("sim-v1-1.0.0.bin"), "--by", "a", "--data", tmp_path)
     assert status == 1 and "refused: no_trust" in out
+
+
+def test_a_rollout_with_no_device_of_its_class_known_says_so(tmp_path, capsys):
+    """Cohorts are chosen from the devices known when it runs: with none of
+    the release's hardware class known, start and approve say it would
+    complete with nothing to do (it went running -> completed silently)."""
+    data = tmp_path / "cloud"
+    Cloud(str(data)).registry.close()
+    d = ("--data", data)
+    tether(capsys, "cloud", "releases", "trust", "--root", img("keys/root.pub"), "--k", 2, "--hw-class", "sim-v1",
+           "--by", "alice", *d)
+    tether(capsys, "cloud", "releases", "add", "--bundle", img("sim-v1-1.1.0.bundle"),
+           "--payload", img("sim-v1-1.1.0.bin"), "--by", "alice", *d)
+    status, out = tether(capsys, "cloud", "rollout", "start", "--release", "sim-v1-1.1.0", "--canary", 1,
+                         "--reason", "r", "--by", "alice", *d)
+    assert status == 0 and "no device of hardware class sim-v1 has said hello" in out
+    e = Engine(str(data / DB_NAME), Policy())
+    e.observe("acme/d1", "acme", "s", "sim-v1", "1.0.0", 1)
+    e.close()
+    status, out = tether(capsys, "cloud", "rollout", "approve", "ro-1", "--by", "bob", *d)
+    assert status == 0 and "said hello" not in out
