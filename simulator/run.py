@@ -304,8 +304,10 @@ async def enroll_by_claim(args, host, port):
     enrolled, failed = await enroll_many(endpoints, (cert, key), claim_identity, hwids, args.seed,
                                          timeout_s=args.enroll_timeout)
     if failed:
-        raise UsageError("%d of %d devices could not enroll by claim (first: %s; see `tether cloud audit`)"
-                         % (len(failed), len(hwids), failed[0].hwid))
+        first = failed[0]
+        why = getattr(first.core, "last_reason", "") or first.core.state
+        raise UsageError("%d of %d devices could not enroll by claim (first: %s, %s; see `tether cloud "
+                         "audit`)" % (len(failed), len(hwids), first.hwid, why))
     print("enrolled %d devices by claim in %.1f s" % (len(enrolled), time.monotonic() - t0))
     return [Provisioned(e, args.ca_bundle) for e in enrolled]
 

@@ -54,6 +54,7 @@ def test_sim_run_enrolls_by_claim_then_runs_telemetry(tmp_path):
         over = tether(*[a if a != "6" else "1" for a in stranger], "--enroll-timeout", "8",
                       "--out", str(tmp_path / "over"), timeout=180)
         assert over.returncode == 2 and "could not enroll" in over.stderr
+        assert "not_allowlisted" in over.stderr, over.stderr         # the reason, not only the hwid
         refused = tether("cloud", "audit", "--data", str(data), "--action", "enroll_refused").stdout
         assert "not_allowlisted" in refused and "zz-hw-00000" in refused
     finally:
