@@ -10,10 +10,12 @@ lets the update driver do one bounded piece of work.
     agent.run(read_sensors, sample_ms=10000)     # or call step() and sample() yourself
 
 On a board the modules are frozen into the firmware and main.py builds the
-agent; the board's reset (machine.reset) is the update driver's. The
-identity core (rotation before expiry, board/linux_identity.py on Linux)
-does not run here yet: the certificate and key loaded into the TLS context
-are the ones used.
+agent; the board's reset (machine.reset) is the update driver's. With
+identity (board/esp32_identity.py) it enrolls, rotates and recovers its
+certificate; without, the certificate in opener's context is the one used.
+The field console runs in the same loop when attached
+(board/agent_console.py attach(): its commands act on this agent, its
+audit log goes to the cloud over this link).
 """
 
 import time
@@ -23,6 +25,7 @@ from agent.actions import Append, Connect, Log, Publish, WriteAtomic
 from board.esp32_net import MqttLink
 
 ID_TOKEN = "id"               # an identity core's publish, told from telemetry's by its token
+RECENT_MAX = 10               # samples and log lines kept for the console
 
 IDLE_SLEEP_MS = 20            # a pass with nothing pending waits this long
 
@@ -42,7 +45,11 @@ class Esp32Agent:
         self.identity = "%s/%s" % (tenant, device)
         self.storage = storage
         self.clock = clock
-        self.log = log or _print
+        self._log_out = log or _print
+        self.recent_log = []      # the last RECENT_MAX log lines, and samples (the console's)
+        self.recent_samples = []
+        self.console = None       # a board.console_port.ConsolePort, when attached
+        self.audit = None         # its board.agent_console.AuditLink
         self.core = telemetry.Telemetry(tenant, device, codec or cbor, rng, config)
         self.ota = ota
         self.id = identity
@@ -60,7 +67,18 @@ class Esp32Agent:
             self.id.boot()
         self.execute(self.core.boot(self.storage.read("state"), self.storage.read("queue")))
 
+    def log(self, text):
+        _keep(self.recent_log, text)
+        self._log_out(text)
+
+    def attach_console(self, port, audit):
+        """The field console (board/agent_console.py attach() builds both)."""
+        self.console, self.audit = port, audit
+        self.subscriptions.append(audit.down_topic)
+        self.link.subscriptions = list(self.subscriptions)     # _open adds the identity's answer topic
+
     def sample(self, readings):
+        _keep(self.recent_samples, " ".join("%s=%s" % (k, readings[k]) for k in sorted(readings)))
         self.feed(events.Sample(self.clock.now_ms(), readings))
 
     def feed(self, event):
@@ -76,6 +94,10 @@ class Esp32Agent:
             self._carry_identity()
         if self.ota is not None:
             self.ota.poll(self.acked)
+        if self.audit is not None:
+            self.audit.step(self.clock.now_ms() // 1000)
+        if self.console is not None:
+            self.console.poll(0)      # a stepped signature check goes on over the passes
 
     def _link_event(self, what):
         kind, now = what[0], self.clock.now_ms()
@@ -84,11 +106,15 @@ class Esp32Agent:
             self._to_identity(events.Connected(now))
             if self.ota is not None:
                 self.ota.connected()
+            if self.audit is not None:
+                self.audit.online(self.link)
         elif kind == "message":
             if self.ota is not None and what[1] == self.ota.down_topic:
                 self.ota.on_message(what[2])
             elif self.id is not None and what[1] == self.id.answer_topic():
                 self._to_identity(events.Message(now, what[1], what[2]))
+            elif self.audit is not None and what[1] == self.audit.down_topic:
+                self.audit.on_message(what[2])
         elif kind == "acked":
             token = what[1]
             if isinstance(token, tuple) and token[0] == ID_TOKEN:
@@ -103,6 +129,8 @@ class Esp32Agent:
                 self.feed(events.ConnectionLost(now, what[1]))
             self._to_identity(events.Refused(now, what[2]) if what[2] is not None
                               else events.ConnectionLost(now, what[1]))
+            if self.audit is not None:
+                self.audit.offline()
 
     def _to_identity(self, event):
         if self.id is not None:
@@ -122,7 +150,8 @@ class Esp32Agent:
 
     def busy(self):
         """Work waits (a signature step, slot reads, a key being made): the loop should not sleep."""
-        return (self.ota is not None and self.ota.busy()) or (self.id is not None and self.id.busy())
+        return ((self.ota is not None and self.ota.busy()) or (self.id is not None and self.id.busy())
+                or (self.console is not None and self.console.console.busy()))
 
     def run(self, read_sensors, sample_ms, passes=None):
         """The board's loop: a sample every sample_ms, step() every pass.
@@ -168,6 +197,12 @@ class Esp32Agent:
 
 def _print(text):
     print("tether:", text)
+
+
+def _keep(recent, line):
+    recent.append(line)
+    if len(recent) > RECENT_MAX:
+        del recent[0]
 
 
 try:

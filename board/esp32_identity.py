@@ -30,7 +30,7 @@ not sleep between passes. bits_per_pass=None makes them in one go.
 
 from agent import enroll
 from agent.actions import Log, Publish, UseIdentity
-from agent.events import Tick
+from agent.events import RotateNow, Tick
 from board.claim_link import ClaimLink
 from board.esp32_net import open_tls
 from board.identity_board import IdentityBoard
@@ -110,6 +110,10 @@ class Esp32Identity:
     def busy(self):
         """A key or a signature is being made in steps: do not sleep between polls."""
         return self.board.busy() and not self.failed
+
+    def rotate_now(self):
+        """A technician's console command: rotate now, whatever the certificate's age."""
+        self._run(lambda: self.core.handle(RotateNow(self.now_ms())))
 
     def poll(self):
         if self.board.busy():
