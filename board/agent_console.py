@@ -155,8 +155,11 @@ def attach(agent, stream, site, support_keys, storage, reboot=None, random_bytes
     """The field console beside an Esp32Agent, on `stream` (UartStream(machine.UART(...))
     on a board): commands act on the agent, the audit log goes to the cloud
     over its link. The agent polls both in its loop. -> the ConsolePort."""
-    device_id = agent.identity.split("/")[1]
-    console = boot_console(device_id, site, support_keys, storage, random_bytes or os.urandom,
+    # Grants name the device by its identity and a site as tenant/site (names
+    # are unique only within a tenant).
+    tenant = agent.identity.split("/")[0]
+    site = None if site is None else "%s/%s" % (tenant, site)
+    console = boot_console(agent.identity, site, support_keys, storage, random_bytes or os.urandom,
                            bits_per_tick=bits_per_tick)
     port = ConsolePort(stream, console, storage, AgentCommands(agent, reboot), agent.clock)
     agent.attach_console(port, AuditLink(port, storage, agent.identity, agent.clock.ticks_ms, agent.log))

@@ -11,9 +11,10 @@ agent/audit_upload.py: t/<tenant>/<device>/audit up, .../support down),
 and the cloud's revocation lists, checkpoints and time come back the same
 way (a revoked grant's open session ends at once). Grants are
 checked against the support public key given (`tether cloud support
-pubkey`); the device id in grants is the identity's device part (pi-1 of
-acme/pi-1, as `tether cloud support grant --device` and the cloud's audit
-streams name it), the site is --site. The audit log and the console's state are in
+pubkey`); grants name the device by its identity (acme/pi-1, as `tether
+cloud support grant --device` and the cloud's audit streams name it) and
+the site as tenant/--site (acme/plant-2): names are unique only within a
+tenant, so a grant for one tenant's device opens nothing of another's. The audit log and the console's state are in
 DATA/console (the log is bounded; a full log refuses new sessions).
 
 What the commands do on a Linux board:
@@ -195,8 +196,10 @@ class LinuxConsole:
 
     def __init__(self, agent, data_dir, support_keys, site, stream, commands, random_bytes=os.urandom):
         self.storage = FileStorage(os.path.join(data_dir, CONSOLE_DIR))
-        device_id = agent.identity.partition("/")[2]     # as grants and the cloud name it
-        self.console = boot_console(device_id, site, support_keys, self.storage, random_bytes)
+        # Grants name the device by its identity and a site as tenant/site: a
+        # device or site name is only unique within its tenant.
+        site = None if site is None else "%s/%s" % (agent.identity.partition("/")[0], site)
+        self.console = boot_console(agent.identity, site, support_keys, self.storage, random_bytes)
         self.commands = commands
         self.port = ConsolePort(stream, self.console, self.storage, commands, agent.clock)
 

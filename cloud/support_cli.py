@@ -20,7 +20,7 @@ from cloud import firmware
 from cloud.console_tool import describe
 from cloud.errors import CloudError
 from cloud.identity_cli import DATA_DEFAULT, DATA_HELP, has_cloud
-from cloud.support import SupportDesk
+from cloud.support import SupportDesk, SupportError
 
 EXIT_OK, EXIT_TAMPER, EXIT_USAGE = 0, 1, 2
 
@@ -31,12 +31,12 @@ issued only with an approver distinct from the requester and the technician.
 
   tether fw keygen --out keys --name alice          (the technician's key pair)
   tether cloud support grant --technician alice --tech-key keys/alice.pub \\
-      --device dev-0001 --role technician --hours 4 --reason "ticket 42" \\
+      --device acme/dev-0001 --role technician --hours 4 --reason "ticket 42" \\
       --approved-by bob --out alice.grant
   tether console /dev/ttyUSB0 --grant alice.grant --key keys/alice.key
   tether cloud support revoke GID --by bob --reason "visit cancelled"
   tether cloud support review
-  tether cloud support verify-log --device dev-0001 --log audit.log
+  tether cloud support verify-log --device acme/dev-0001 --log audit.log
   tether cloud support findings [--device acme/dev-0001]   (logs uploaded over MQTT)
 """
 
@@ -48,8 +48,10 @@ def add_parser(cloud_sub):
     g = sub.add_parser("grant", help="issue an approved, time-bound console grant")
     g.add_argument("--technician", required=True, help="technician id")
     g.add_argument("--tech-key", required=True, help="the technician's public key (PEM)")
-    g.add_argument("--device", action="append", default=[], help="device id (repeatable)")
-    g.add_argument("--site", help="every device at this site")
+    g.add_argument("--device", action="append", default=[],
+                   help="the device as tenant/device, e.g. acme/pump-1 (repeatable): a grant is for "
+                        "one tenant's devices, never a device name other tenants may use too")
+    g.add_argument("--site", help="every device at this site, as tenant/site (e.g. acme/plant-2)")
     g.add_argument("--role", required=True, choices=["viewer", "technician", "admin"],
                    help="which commands the session may run; each role also has the commands of "
                         "the roles before it (docs/console.md lists them)")
@@ -69,7 +71,7 @@ def add_parser(cloud_sub):
     r.add_argument("--current", action="store_true", help="only active and pending grants")
     r.add_argument("--json", action="store_true", help="JSON lines")
     v = sub.add_parser("verify-log", help="verify a device's audit log chain (gaps, edits, truncation)")
-    v.add_argument("--device", required=True, help="the device id the log is from")
+    v.add_argument("--device", required=True, help="the device the log is from, as tenant/device")
     v.add_argument("--log", required=True, help="the device's audit.log as uploaded")
     v.add_argument("--json", action="store_true", help="JSON instead of text")
     f = sub.add_parser("findings", help="what the cloud found in audit logs uploaded over MQTT")
@@ -108,7 +110,21 @@ def _user(value):
     return value or os.environ.get("USER") or getpass.getuser()
 
 
+def tenant_scoped(value, option):
+    """value if it is tenant/name, else a usage error saying why."""
+    tenant, _, name = (value or "").partition("/")
+    if not tenant or not name or "/" in name:
+        noun = option.lstrip("-")
+        raise SupportError("%s %r must be tenant/%s (e.g. acme/%s-1): device and site names are only "
+                           "unique within a tenant" % (option, value, noun, noun), "bad_scope")
+    return value
+
+
 def grant(desk, args):
+    for device in args.device:
+        tenant_scoped(device, "--device")
+    if args.site is not None:
+        tenant_scoped(args.site, "--site")
     point = firmware.load_public_key(args.tech_key)
     gid, message = desk.grant(args.technician, point, args.role, args.device, args.site, args.hours,
                               _user(args.requested_by), args.approved_by, args.reason)
@@ -152,6 +168,7 @@ def review(desk, args):
 
 
 def verify_log(desk, args):
+    tenant_scoped(args.device, "--device")
     data = firmware.read_file(args.log, "audit log")
     report = desk.verify_log(args.device, data)
     if args.json:

@@ -124,7 +124,9 @@ class SupportHandler:
         parts = topic.split("/")
         if len(parts) != 4 or parts[0] != "t" or parts[3] != "audit":
             return None                 # the broker's ACL lets nothing else reach us
-        identity, device_id = "%s/%s" % (parts[1], parts[2]), parts[2]
+        # The console names a device by its identity (tenant/device): grants,
+        # chains and checkpoints are per tenant, as the device's certificate is.
+        identity = device_id = "%s/%s" % (parts[1], parts[2])
         reply_topic = "t/%s/support" % identity
         self.messages += 1
         if not self._allowed(identity):

@@ -167,7 +167,8 @@ class Fleet:
         self.devices, self.clients = [], []
         for i in range(devices):
             cred = cloud.issue_device(TENANTS[i % len(TENANTS)], "console-%02d" % i)
-            dev = SimConsoleDevice(cred.device, self.desk.keys(), seed * 1000 + i, start_ms=start_ms)
+            dev = SimConsoleDevice("%s/%s" % (cred.tenant, cred.device), self.desk.keys(), seed * 1000 + i,
+                                   start_ms=start_ms)    # named by its identity, as grants and the cloud do
             self.devices.append(dev)
             self.clients.append(AuditClient(cloud, cred, dev))
         self.drill = Drill(devices, seed, data_dir, desk=self.desk, device_list=self.devices,

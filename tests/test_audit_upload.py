@@ -47,10 +47,10 @@ class Peer:
     """A device and its uploader; publishes go straight to the cloud's
     handler and its answers straight back (one broker hop, in memory)."""
 
-    def __init__(self, cloud, device_id="dev-1", identity=IDENTITY, flash=None, seed=1, **kw):
+    def __init__(self, cloud, device_id=None, identity=IDENTITY, flash=None, seed=1, **kw):
         self.cloud = cloud
         self.identity = identity
-        self.device = SimConsoleDevice(device_id, cloud.desk.keys(), seed, flash=flash,
+        self.device = SimConsoleDevice(device_id or identity, cloud.desk.keys(), seed, flash=flash,
                                        start_ms=T0_S * 1000)
         self.kw = kw
         self.logs = []
@@ -149,7 +149,7 @@ def test_uploads_in_segments_continue_the_chain_and_checkpoints_rotate_the_log(c
     peer.online()
     st = held(cloud)
     assert (st["next"], st["tamper"]) == (peer.device.console.chain.seq, False)
-    assert auditlog.check(peer.device.audit_log(), "dev-1", start_seq=auditlog.records(
+    assert auditlog.check(peer.device.audit_log(), IDENTITY, start_seq=auditlog.records(
         peer.device.audit_log())[0][0], start_head=_head_of_first(peer.device.audit_log()))["tamper"] is False
 
 
@@ -256,7 +256,7 @@ def test_gaps_foreign_chains_and_announced_records_that_vanish(cloud):
 def test_a_revocation_is_pushed_once_and_ends_the_session(cloud):
     tech = Technician("alice")
     peer = Peer(cloud)
-    message = grant(cloud, tech, "dev-1")
+    message = grant(cloud, tech, IDENTITY)
     peer.online()
     s = tech.session(peer.device, message)
     s.open()
@@ -276,7 +276,7 @@ def test_a_revocation_is_pushed_once_and_ends_the_session(cloud):
         tech.session(peer.device, message).open()
     assert e.value.code == "revoked"
     # a device that missed the push gets the list at its next hello
-    late = Peer(cloud, device_id="dev-1", identity="acme/dev-9", seed=3)
+    late = Peer(cloud, device_id=IDENTITY, identity="acme/dev-9", seed=3)
     late.online()
     assert late.device.console.revoked == [gid_of(message)]
 
@@ -296,7 +296,7 @@ def scenario(cloud, peer, tech, rng):
         sessions(peer, tech, 1, commands=("status",))
         peer.online()
         if step == 1:
-            message = grant(cloud, tech, "dev-1")
+            message = grant(cloud, tech, IDENTITY)
             cloud.desk.revoke(gid_of(message).hex(), "lead-bob", "x")
             for _, payload in cloud.pushes():
                 peer.deliver(payload)

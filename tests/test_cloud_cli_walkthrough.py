@@ -122,14 +122,14 @@ def test_allow_help_gives_the_file_format():
 # ---------------------------------------------------------------- M8: --data without a cloud
 
 NO_CLOUD_COMMANDS = [
-    ["cloud", "support", "grant", "--technician", "a", "--tech-key", "{pub}", "--device", "d1",
+    ["cloud", "support", "grant", "--technician", "a", "--tech-key", "{pub}", "--device", "acme/d1",
      "--role", "viewer", "--reason", "r", "--approved-by", "b", "--out", "{tmp}/a.grant"],
     ["cloud", "support", "pubkey", "--out", "{tmp}/s.pub"],
     ["cloud", "support", "review"],
     ["cloud", "support", "findings"],
     ["cloud", "support", "revocations", "--out", "{tmp}/rl"],
     ["cloud", "support", "revoke", "0" * 32, "--reason", "r"],
-    ["cloud", "support", "verify-log", "--device", "d1", "--log", "{pub}"],
+    ["cloud", "support", "verify-log", "--device", "acme/d1", "--log", "{pub}"],
     ["cloud", "releases", "trust", "--root", "{pub}", "--hw-class", "sim-v1"],
     ["cloud", "releases", "list"],
     ["cloud", "rollout", "status"],
@@ -219,7 +219,7 @@ def test_console_and_grant_errors_without_a_misleading_code(tmp_path, capsys):
     assert result.stderr.strip().endswith("cannot read grant %s: No such file or directory" % (tmp_path / "nope.grant"))
     data = make_cloud(tmp_path / "cloud")
     code, _, err = cli(capsys, "cloud", "support", "grant", "--technician", "a", "--tech-key", tmp_path / "nope.pub",
-                       "--device", "d1", "--role", "viewer", "--reason", "r", "--approved-by", "b",
+                       "--device", "acme/d1", "--role", "viewer", "--reason", "r", "--approved-by", "b",
                        "--out", tmp_path / "a.grant", "--data", data)
     assert code == 2 and err.strip().endswith("No such file or directory"), err
 
@@ -308,7 +308,7 @@ def test_empty_listings_and_written_files_are_said(tmp_path, capsys):
     code, out, _ = cli(capsys, "cloud", "support", "revocations", "--out", rl, "--data", data)
     assert code == 0 and "written to %s" % rl in out and rl.exists()
     _, pub, _ = firmware.write_keypair(str(tmp_path), "alice")
-    _, out, _ = cli(capsys, "cloud", "support", "grant", "--technician", "alice", "--tech-key", pub, "--device", "d1",
+    _, out, _ = cli(capsys, "cloud", "support", "grant", "--technician", "alice", "--tech-key", pub, "--device", "acme/d1",
                     "--role", "viewer", "--reason", "r", "--approved-by", "bob", "--requested-by", "carol",
                     "--out", tmp_path / "a.grant", "--data", data)
     gid = out.split()[1]
@@ -329,7 +329,7 @@ def test_a_private_key_where_a_public_one_belongs_is_refused_everywhere(tmp_path
                          "--hw-class", "sim-v1", "--data", data)
     assert code == 2 and "is a private key" in out + err and "root.pub" in out + err
     code, out, err = cli(capsys, "cloud", "support", "grant", "--technician", "alice", "--tech-key", key_path,
-                         "--device", "d1", "--role", "viewer", "--hours", "1", "--reason", "r",
+                         "--device", "acme/d1", "--role", "viewer", "--hours", "1", "--reason", "r",
                          "--approved-by", "bob", "--requested-by", "carol", "--out", tmp_path / "g", "--data", data)
     assert code == 2 and "is a private key" in out + err
     assert not (tmp_path / "g").exists()

@@ -65,7 +65,7 @@ async def test_the_console_runs_in_the_agents_loop_and_its_log_reaches_the_cloud
         n = [0]
         assert await asyncio.to_thread(run, agent, lambda: n[0] >= 3, 10, 0.02, n)
         results = []
-        grant, key = grant_for(desk, "esp-c", "technician", "carol")
+        grant, key = grant_for(desk, "acme/esp-c", "technician", "carol")
         tool = threading.Thread(target=technician, args=(os.ttyname(slave), grant, key, [
             "status", "telemetry 2", "net", "log 3", "versions", "rotate-identity", "rollback", "reboot"],
             results))
@@ -92,7 +92,7 @@ async def test_the_console_runs_in_the_agents_loop_and_its_log_reaches_the_cloud
         assert not st["tamper"] and st["findings"] == []
         kinds = [r[3] for r in records()]
         assert kinds[:2] == ["challenge", "session_open"] and kinds.count("command_failed") == 2
-        assert auditlog.check(agent.storage.read("audit.log"), "esp-c")["problems"] == []
+        assert auditlog.check(agent.storage.read("audit.log"), "acme/esp-c")["problems"] == []
     finally:
         desk.close()
         os.close(master)

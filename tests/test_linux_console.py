@@ -17,7 +17,7 @@ from cloud.support import SupportDesk
 from brokers import wait_until
 from test_linux_agent_cli import Agent, cloud, enroll, sample_script, tether  # noqa: F401 (cloud: a fixture)
 
-IDENTITY, DEVICE = "acme/pi-1", "pi-1"      # grants name the device part
+IDENTITY = DEVICE = "acme/pi-1"     # grants and the audit chain name a device by its identity
 
 
 def technician(tmp_path, desk, role, name="alice"):

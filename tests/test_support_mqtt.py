@@ -37,7 +37,8 @@ async def cloud(tmp_path, kind):
 
 def device(cloud, name, tenant="acme", seed=1, **kw):
     cred = cloud.issue_device(tenant, name)
-    dev = SimConsoleDevice(name, cloud.desk.keys(), seed, start_ms=int(time.time() * 1000))
+    dev = SimConsoleDevice("%s/%s" % (tenant, name), cloud.desk.keys(), seed,   # named by its identity
+                           start_ms=int(time.time() * 1000))
     return AuditClient(cloud, cred, dev, **kw)
 
 
