@@ -140,8 +140,11 @@ class Provisioning:
         self.registry._atomic(op)
 
     def allow(self, hwid, batch, tenant, device, site, actor, approval=False, cert_s=None,
-              reason="allowlisted"):
-        """Put a hardware id on the allowlist of a batch, bound to an identity and site."""
+              reason="allowlisted", replace=False):
+        """Put a hardware id on the allowlist of a batch, bound to an identity
+        and site. An identity allowlisted for another hardware id is refused
+        (its enrollment would retire the working board's certificate) unless
+        replace: a board swap, the other hardware id taken off the list."""
         _check_hwid(hwid)
         check_id("site", site, SITE_LEN_MAX)
         make_identity(tenant, device)
@@ -150,6 +153,18 @@ class Provisioning:
             raise ProvisionError("certificate lifetime must be at least 10 s", "bad_lifetime")
 
         def op():
+            others = [row[0] for row in self.db.execute(
+                "SELECT hwid FROM allowlist WHERE tenant = ? AND device = ? AND hwid != ?",
+                (tenant, device, hwid))]
+            if others and not replace:
+                raise ProvisionError("%s/%s is already allowlisted for hardware id %s: one identity is "
+                                     "one board (the new one's enrollment would retire the working "
+                                     "board's certificate); for a board swap, allow again with replace"
+                                     % (tenant, device, others[0]), "identity_taken")
+            for other in others:
+                self.db.execute("DELETE FROM allowlist WHERE hwid = ?", (other,))
+                self.registry.audit(actor, "allowlist_replaced", "%s/%s" % (tenant, device), reason,
+                                    "hwid %s taken off for %s" % (other, hwid))
             self.db.execute("INSERT OR REPLACE INTO allowlist VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (hwid, batch, tenant, device, site, int(bool(approval)), cert_s,
                              self.clock_ms(), actor))
@@ -157,6 +172,11 @@ class Provisioning:
                                 "hwid %s batch %s site %s%s" % (hwid, batch, site,
                                                                  " approval required" if approval else ""))
         self.registry._atomic(op)
+
+    def allowlisted_for(self, tenant, device):
+        """The hardware ids allowlisted for tenant/device (one, normally)."""
+        return [row[0] for row in self.db.execute(
+            "SELECT hwid FROM allowlist WHERE tenant = ? AND device = ? ORDER BY hwid", (tenant, device))]
 
     def approve(self, hwid, actor, reason):
         """An operator approves a pending enrollment (critical fleets)."""

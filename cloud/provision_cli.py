@@ -47,6 +47,10 @@ def add_parser(csub):
     a.add_argument("--approval", action="store_true",
                    help="hold each enrollment for an operator's approval (critical fleets)")
     a.add_argument("--cert-seconds", type=int, help="certificate lifetime for these devices (default 30 days)")
+    a.add_argument("--replace", action="store_true",
+                   help="a board swap: move an identity already allowlisted for another hardware id "
+                        "to this one (the old board's certificate is retired when the new one enrolls); "
+                        "without it such an identity is refused")
     _common(a, reason_default="allowlisted")
     p = csub.add_parser("approve", help="approve a pending enrollment",
                         description="Approve the enrollment a device asked for and is waiting on, for the key "
@@ -192,12 +196,37 @@ def _allow(args, prov, actor):
               "`tether cloud claim %s --quota N`; `tether cloud enrollments` lists the batches)"
               % (args.batch, args.data, args.batch), file=sys.stderr)
         return 2
+    problem = _conflicts(prov, rows, args.replace)
+    if problem is not None:
+        print("tether cloud allow: %s: nothing allowlisted" % problem, file=sys.stderr)
+        return 2
     for hwid, tenant, device, site in rows:
         prov.allow(hwid, args.batch, tenant, device, site, actor, approval=args.approval,
-                   cert_s=args.cert_seconds, reason=args.reason)
+                   cert_s=args.cert_seconds, reason=args.reason, replace=args.replace)
     print("allowlisted %d hardware id(s) for batch %s%s" % (len(rows), args.batch,
                                                           " (approval required)" if args.approval else ""))
     return 0
+
+
+def _conflicts(prov, rows, replace):
+    """Why rows cannot be allowlisted together, or None: a hardware id or an
+    identity twice in them, or an identity already allowlisted for another
+    hardware id (one identity is one board) unless replace."""
+    hwids, identities = set(), {}
+    for hwid, tenant, device, site in rows:
+        identity = "%s/%s" % (tenant, device)
+        if hwid in hwids:
+            return "hardware id %s is given twice" % hwid
+        if identity in identities:
+            return "%s is given for two hardware ids (%s and %s)" % (identity, identities[identity], hwid)
+        hwids.add(hwid)
+        identities[identity] = hwid
+        others = [h for h in prov.allowlisted_for(tenant, device) if h != hwid]
+        if others and not replace:
+            return ("%s is already allowlisted for hardware id %s (one identity is one board: the new "
+                    "one's enrollment would retire the working board's certificate); give --replace "
+                    "for a board swap" % (identity, others[0]))
+    return None
 
 
 def _approve(args, prov, actor):

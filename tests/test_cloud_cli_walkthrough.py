@@ -333,3 +333,24 @@ def test_a_private_key_where_a_public_one_belongs_is_refused_everywhere(tmp_path
                          "--approved-by", "bob", "--requested-by", "carol", "--out", tmp_path / "g", "--data", data)
     assert code == 2 and "is a private key" in out + err
     assert not (tmp_path / "g").exists()
+
+
+# ---------------------------------------------------------------- one identity, one board
+
+def test_an_identity_is_allowlisted_for_one_board_unless_it_is_replaced(tmp_path, capsys):
+    """A second walkthrough: allow accepted acme/pump-1 for hw-0091 while
+    hw-0001 had it, and hw-0091's enrollment retired the working board's
+    certificate. Refused now; --replace is the board swap, audited."""
+    data = make_cloud(tmp_path / "cloud")
+    assert cli(capsys, "cloud", "claim", "b1", "--quota", "5", "--data", data)[0] == 0
+    allow = ["cloud", "allow", "--batch", "b1", "--tenant", "acme", "--device", "pump-1", "--data", data]
+    assert cli(capsys, *allow[:2], "hw-0001", *allow[2:])[0] == 0
+    code, _, err = cli(capsys, *allow[:2], "hw-0091", *allow[2:])
+    assert code == 2 and "acme/pump-1 is already allowlisted for hardware id hw-0001" in err
+    csv = tmp_path / "hw.csv"
+    csv.write_text("hw-0101,acme,pump-9,s\nhw-0102,acme,pump-9,s\n")
+    code, _, err = cli(capsys, "cloud", "allow", "--batch", "b1", "--file", csv, "--data", data)
+    assert code == 2 and "acme/pump-9 is given for two hardware ids" in err
+    assert cli(capsys, *allow[:2], "hw-0091", *allow[2:], "--replace")[0] == 0
+    _, out, _ = cli(capsys, "cloud", "audit", "--action", "allowlist_replaced", "--data", data)
+    assert "acme/pump-1" in out and "hw-0001 taken off for hw-0091" in out
