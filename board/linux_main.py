@@ -320,7 +320,8 @@ def enroll_main(args):
     endpoints = {"host": host, "device_port": args.device_port, "prov_port": prov_port, "cafile": args.ca,
                  "server_name": args.server_name}
     device = LoggingEnroller(core, IdentityBoard(storage, store), endpoints, (args.claim_cert, args.claim_key),
-                       SystemClock().now_ms, args.hwid)
+                             SystemClock().now_ms, args.hwid,
+                             fingerprint=lambda: key_fingerprint(store, core.slot))
 
     def refused():
         return core.state == enroll.RETRY and core.last_reason.startswith(enroll.REFUSED_ + ":")
@@ -356,9 +357,11 @@ class LoggingEnroller(Enroller):
     """An Enroller that logs what the core says and keeps why connections
     failed, for the error message."""
 
-    def __init__(self, *a):
-        Enroller.__init__(self, *a)
+    def __init__(self, *a, **kw):
+        self.fingerprint = kw.pop("fingerprint", None)    # () -> the key's, said once while pending
+        Enroller.__init__(self, *a, **kw)
         self.link_errors = []
+        self.said_pending = False
 
     def feed(self, event):
         if isinstance(event, (ConnectionLost, Refused)):
@@ -369,6 +372,12 @@ class LoggingEnroller(Enroller):
     async def _carry(self, action):
         if isinstance(action, Log):
             log.info("%s: %s", action.code, action.detail)
+            if (not self.said_pending and self.fingerprint is not None
+                    and self.core.last_reason.startswith(enroll.PENDING + ":")):
+                self.said_pending = True
+                log.warning("waiting for an operator's approval of hardware id %s: the operator checks "
+                            "that `tether cloud enrollments` shows key sha256 %s for it",
+                            self.hwid, self.fingerprint())
         return await Enroller._carry(self, action)
 
 

@@ -165,6 +165,9 @@ async def test_a_pending_enrollment_shows_the_key_fingerprint_the_operator_compa
     pending = [p for p in cloud.provisioning.pending() if p["hwid"] == "hw-2"]
     assert len(pending) == 1
     assert "key sha256 %s" % pending[0]["key_sha256"][:16] in err
+    # said while it waits (the operator approves during the wait), not only when it gives up
+    waiting = [line for line in err.splitlines() if "waiting for an operator's approval" in line]
+    assert len(waiting) == 1 and pending[0]["key_sha256"][:16] in waiting[0]
 
 
 # ---------------------------------------------------------------- run
