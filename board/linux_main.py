@@ -219,7 +219,9 @@ def add_parser(sub):
     u.add_argument("--hw-class", metavar="C", help="this board's hardware class, as releases name it")
     u.add_argument("--root-key", metavar="FILE", help="the firmware root public key (PEM or raw 65 bytes)")
     u.add_argument("--k", type=int, default=2, help="release signatures required (default 2)")
-    u.add_argument("--site", default="default", metavar="S", help="this board's site, for rollouts")
+    r.add_argument("--site", default="default", metavar="S",
+                   help="this board's site, as the cloud allowlisted it: rollouts target it, and console "
+                        "grants for tenant/S cover this board (default: default)")
     u.add_argument("--trial-timeout", type=float, default=120.0, metavar="S",
                    help="a new image must get 3 records acknowledged within S s or roll back (default 120)")
     u.add_argument("--reboot-command", default="systemctl reboot", metavar="CMD",
