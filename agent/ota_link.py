@@ -107,6 +107,10 @@ class OtaLink:
     def wrote(self, slot, offset):
         """A slot write went through (a hook for the simulator's drills)."""
 
+    def reported(self, status, reason, ref):
+        """The updater reported a step (downloading, installed, confirmed,
+        rolled_back, ...): a board driver may log it."""
+
     def failed(self, error):
         """The updater raised (a driver bug or a damaged record); updates are off."""
 
@@ -213,6 +217,7 @@ class OtaLink:
                 self.last_report_payload = encode("report", st=a.status, why=a.reason[:REASON_CHARS_MAX],
                                                   seq=a.seq, ref=a.ref)
                 self.last_report = self.send(self.last_report_payload)
+                self.reported(a.status, a.reason, a.ref)
             elif isinstance(a, up.RequestChunk):
                 self._request(a.index)
             elif isinstance(a, up.RequestPage):

@@ -245,6 +245,8 @@ class LinuxAgent:
         if client is not self.client:
             return
         if reason_code == 0:
+            if not self.accepted:
+                self.log.info("connected to %s:%d as %s", self.host, self.port, self.identity)
             self.accepted = True
             self.inbox.append(events.Connected(self.clock.now_ms()))
             if self.ota is not None:
@@ -287,6 +289,8 @@ class LinuxAgent:
         client certificate after the handshake), else a lost connection;
         chosen: we drop it ourselves, which refuses nothing."""
         client, self.client = self.client, None
+        if client is not None and self.accepted and not chosen:
+            self.log.info("connection lost: %s", reason)
         if client is not None and self.id_driver is not None:
             if refused is None and not self.accepted and not chosen:
                 refused = refusal_reason(self.sock_error) if self.sock_error else "closed"

@@ -156,6 +156,9 @@ class LinuxOta(OtaLink):
     def reboot_later(self):
         self.reboot_by_ms = self.clock.ticks_ms() + REBOOT_WAIT_MS
 
+    def reported(self, status, reason, ref):
+        self.logger.info("update %s: %s%s", ref or "-", status, " (%s)" % reason if reason else "")
+
     def failed(self, error):
         self.logger.error("updater failed (%s): %s; updates are off until the next start",
                           error.code, error.message)

@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,10 +268,14 @@ async def test_run_with_slots_updates_reboots_and_confirms(cloud, tmp_path):
         assert (slot_dir / "slot1.img").read_bytes() == releases[GOOD][1]
         assert parse_env((slot_dir / BOOT_ENV).read_text())["boot_slot"] == "1"
         assert "installed" in statuses()
+        # what an operator reads in the journal: the connection and the update's steps
+        assert "connected to 127.0.0.1:%d as acme/pi-1" % cloud.port in first.err
+        assert re.search(r"update \S+: downloading", first.err) and re.search(r"update \S+: installed", first.err)
 
         second = await Agent(cloud, data, *argv).start()                   # the board came back up
         try:
             assert await wait_until(lambda: "confirmed" in statuses(), WAIT_S), second.err
+            assert await wait_until(lambda: re.search(r"update \S+: confirmed", second.err), 10), second.err
         finally:
             assert await second.stop() == 0, second.err
         assert statuses().index("trial") < statuses().index("confirmed")
