@@ -179,6 +179,10 @@ def _check_row(hwid, tenant, device, site):
 
 
 def _allow(args, prov, actor):
+    if args.file and (args.hwid or args.tenant or args.device):
+        print("tether cloud allow: give HWID (with --tenant, --device) or --file, not both: the file's "
+              "lines name their own tenant and device", file=sys.stderr)
+        return 2
     if args.file:
         try:
             rows = _allow_file(args.file)

@@ -354,3 +354,15 @@ def test_an_identity_is_allowlisted_for_one_board_unless_it_is_replaced(tmp_path
     assert cli(capsys, *allow[:2], "hw-0091", *allow[2:], "--replace")[0] == 0
     _, out, _ = cli(capsys, "cloud", "audit", "--action", "allowlist_replaced", "--data", data)
     assert "acme/pump-1" in out and "hw-0001 taken off for hw-0091" in out
+
+
+def test_allow_with_a_hardware_id_and_a_file_is_refused_not_half_done(tmp_path, capsys):
+    """The hardware id given beside --file was silently dropped (a second walkthrough)."""
+    data = make_cloud(tmp_path / "cloud")
+    assert cli(capsys, "cloud", "claim", "b1", "--quota", "5", "--data", data)[0] == 0
+    csv = tmp_path / "hw.csv"
+    csv.write_text("hw-0101,acme,pump-1,s\n")
+    code, _, err = cli(capsys, "cloud", "allow", "hw-0200", "--tenant", "acme", "--batch", "b1", "--file", csv,
+                       "--data", data)
+    assert code == 2 and "not both" in err
+    assert cli(capsys, "cloud", "audit", "--action", "allowlist", "--data", data)[1] == ""
