@@ -373,7 +373,8 @@ def _status_line(s):
 
 
 def _cohort_line(c):
-    counts = ", ".join("%s %d" % kv for kv in sorted(c["counts"].items())) or "not started"
+    counts = ", ".join("%s %d" % kv for kv in sorted(c["counts"].items())) or (
+        "no devices" if c["started"] else "not started")
     return "%-12s size %-5d failed %d (max %d at %g%%), soak %ds: %s" % (
         c["name"], c["size"], c["failed"], c["failures_max"], c["failure_pct"], c["soak_s"], counts)
 
@@ -397,8 +398,9 @@ def export_text(data, indent=""):
         if ev["action"] == "device_failed":
             detail = "%s %s %s" % (ev["detail"]["device"], ev["detail"]["state"], ev["detail"]["reason"])
         else:
-            detail = ", ".join("%s=%s" % (k, v) for k, v in sorted(ev["detail"].items())
-                               if k not in ("plan", "devices"))
+            detail = ", ".join("%s=%s" % (k, v if isinstance(v, (str, int, float)) else
+                                          json.dumps(v, sort_keys=True))
+                               for k, v in sorted(ev["detail"].items()) if k not in ("plan", "devices"))
         out.append(indent + "    %s %-8s %-16s %s" % (_when(ev["ts_ms"]), ev["actor"], ev["action"], detail))
     for inc in data["incidents"]:
         out.append(indent + "  INCIDENT at %s: %s" % (_when(inc["ts_ms"]), json.dumps(inc["tripped"], sort_keys=True)))

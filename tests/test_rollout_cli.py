@@ -77,6 +77,7 @@ def test_release_window_rollout_lifecycle_and_export(tmp_path, capsys):
     for needle in ("ROLLOUT ro-1", "requested by alice", "bob at", "carol at", "read the diff",
                    "INCIDENT", "kill_switch", "incident 7", "pause", "resume"):
         assert needle in text, needle
+    assert "{'" not in text and "['" not in text     # structured details as JSON, not Python reprs
     out_file = tmp_path / "ro-1.json"
     assert tether(capsys, "cloud", "rollout", "export", "ro-1", "--json", "--out", out_file, *d)[0] == 0
     record = json.loads(out_file.read_text())
@@ -117,3 +118,17 @@ def test_a_rollout_with_no_device_of_its_class_known_says_so(tmp_path, capsys):
     e.close()
     status, out = tether(capsys, "cloud", "rollout", "approve", "ro-1", "--by", "bob", *d)
     assert status == 0 and "said hello" not in out
+    tether(capsys, "cloud", "rollout", "approve", "ro-1", "--by", "carol", *d)
+    # the device takes it: the cohort settles and passes; the export reads as text, not Python reprs
+    e = Engine(str(data / DB_NAME), Policy())
+    try:
+        t = 10_000_000_000_000
+        e.tick(t)
+        e.report("acme/d1", "confirmed", "", 1, t + 1000, release="sim-v1-1.1.0")
+        for step in range(2, 6):
+            e.tick(t + step * 3_600_000)
+    finally:
+        e.close()
+    status, text = tether(capsys, "cloud", "rollout", "export", "ro-1", *d)
+    assert status == 0 and "cohort_settled" in text and 'counts={"confirmed": 1}' in text, text
+    assert "{'" not in text
