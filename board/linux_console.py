@@ -48,6 +48,8 @@ CONSOLE_DIR = "console"
 RECENT_MAX = 200
 LINE_CHARS = 160
 BAUD = 115200
+WRITE_TIMEOUT_S = 0.5       # a serial write the other end takes no more of: dropped after this
+REOPEN_S = 10               # a console port that failed: tried again this often
 POLL_MS = 1000              # the audit uploader's Poll, at most this often when nothing came
 
 UNSUPPORTED = {
@@ -114,7 +116,10 @@ class LinuxCommands(DeviceCommands):
         DeviceCommands.session_ended(self, reason)
         if self.reboot_asked:
             self.reboot_asked = False
-            self.reboot()
+            try:
+                self.reboot()
+            except Exception as e:      # a reboot command that fails: said, and the agent goes on
+                logging.getLogger("tether.console").error("the reboot a technician asked for failed: %s", e)
 
     def _status(self, args):
         a = self.agent
@@ -182,19 +187,85 @@ def _setting_problem(args):
 
 def open_port(spec, baud=BAUD):
     """(stream, where) for a port spec: "pty" makes a pty pair and serves the
-    master (where: the slave's path); else pyserial opens spec."""
+    master (where: the slave's path); else pyserial opens spec. Neither
+    blocks: reads return what came, a write the peer has no room for fails
+    at once (WRITE_TIMEOUT_S on a serial port) instead of stopping the agent."""
     if spec == "pty":
         master, slave = os.openpty()
         tty.setraw(slave)
+        os.set_blocking(master, False)
         return PtyStream(master, 0), os.ttyname(slave)
     import serial
-    return serial.serial_for_url(spec, baudrate=baud, timeout=0), spec
+    return serial.serial_for_url(spec, baudrate=baud, timeout=0, write_timeout=WRITE_TIMEOUT_S), spec
+
+
+class SafeStream:
+    """A console stream whose failures end the console, never the agent: a
+    port that goes away (a USB adapter unplugged: OSError) is closed and
+    opened again every REOPEN_S; a write the peer has no room for (it does
+    not read) is dropped, counted and said."""
+
+    def __init__(self, stream, spec, baud=BAUD, clock=time.monotonic, log=None):
+        self.stream = stream
+        self.spec = spec
+        self.baud = baud
+        self.clock = clock
+        self.log = log or logging.getLogger("tether.console")
+        self.dead_since = None
+        self.dropped = 0
+
+    def read(self, n):
+        if self.dead_since is not None and not self._reopen():
+            return b""
+        try:
+            return self.stream.read(n) or b""
+        except OSError as e:
+            self._dead(e)
+            return b""
+
+    def write(self, data):
+        if self.dead_since is not None:
+            return
+        try:
+            self.stream.write(data)
+        except OSError as e:
+            if isinstance(e, BlockingIOError) or type(e).__name__ == "SerialTimeoutException":
+                self.dropped += 1
+                if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                    self.log.warning("console: %d replies dropped, the other end does not read", self.dropped)
+                return
+            self._dead(e)
+
+    def _dead(self, error):
+        self.log.error("console port %s failed (%s): the console is off until it opens again; the agent "
+                       "goes on", self.spec, error)
+        self.dead_since = self.clock()
+        close = getattr(self.stream, "close", None)
+        if close is not None:
+            try:
+                close()
+            except OSError:
+                pass
+
+    def _reopen(self):
+        if self.spec == "pty" or self.clock() - self.dead_since < REOPEN_S:
+            return False
+        self.dead_since = self.clock()
+        try:
+            self.stream = open_port(self.spec, self.baud)[0]
+        except (OSError, ValueError):
+            return False
+        self.dead_since = None
+        self.log.info("console port %s open again", self.spec)
+        return True
 
 
 class LinuxConsole:
     """The console on one port, polled once per pass of the agent's loop."""
 
     def __init__(self, agent, data_dir, support_keys, site, stream, commands, random_bytes=os.urandom):
+        if not isinstance(stream, SafeStream):
+            stream = SafeStream(stream, getattr(stream, "port", None) or "pty")
         self.storage = FileStorage(os.path.join(data_dir, CONSOLE_DIR))
         # Grants name the device by its identity and a site as tenant/site: a
         # device or site name is only unique within its tenant.

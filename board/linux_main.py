@@ -647,6 +647,7 @@ def make_console(args, agent, ota, settings):
         stream, where = linux_console.open_port(args.console, args.console_baud)
     except (OSError, ValueError) as e:     # pyserial's SerialException is an OSError
         raise AgentError("cannot open the console port %s: %s" % (args.console, e)) from None
+    stream = linux_console.SafeStream(stream, args.console, args.console_baud)
     reboot = None if ota is None else ota.reboot
     commands = linux_console.LinuxCommands(agent, args.host, args.port, settings, recent, reboot)
     console = linux_console.LinuxConsole(agent, args.data, {fingerprint(point): point}, args.site,

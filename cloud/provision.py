@@ -153,14 +153,7 @@ class Provisioning:
             raise ProvisionError("certificate lifetime must be at least 10 s", "bad_lifetime")
 
         def op():
-            others = [row[0] for row in self.db.execute(
-                "SELECT hwid FROM allowlist WHERE tenant = ? AND device = ? AND hwid != ?",
-                (tenant, device, hwid))]
-            if others and not replace:
-                raise ProvisionError("%s/%s is already allowlisted for hardware id %s: one identity is "
-                                     "one board (the new one's enrollment would retire the working "
-                                     "board's certificate); for a board swap, allow again with replace"
-                                     % (tenant, device, others[0]), "identity_taken")
+            others = self.check_allow(hwid, tenant, device, replace)
             for other in others:
                 self.db.execute("DELETE FROM allowlist WHERE hwid = ?", (other,))
                 self.registry.audit(actor, "allowlist_replaced", "%s/%s" % (tenant, device), reason,
@@ -173,10 +166,30 @@ class Provisioning:
                                                                  " approval required" if approval else ""))
         self.registry._atomic(op)
 
-    def allowlisted_for(self, tenant, device):
-        """The hardware ids allowlisted for tenant/device (one, normally)."""
-        return [row[0] for row in self.db.execute(
-            "SELECT hwid FROM allowlist WHERE tenant = ? AND device = ? ORDER BY hwid", (tenant, device))]
+    def check_allow(self, hwid, tenant, device, replace=False):
+        """Refuse (ProvisionError) what would give one identity to two boards:
+        tenant/device allowlisted for, or enrolled by, another hardware id
+        (identity_taken), or this hardware id allowlisted as another identity
+        (hwid_taken); with replace, a board swap -> the other hardware ids
+        allowlisted for the identity, to take off the list."""
+        identity = "%s/%s" % (tenant, device)
+        others = [row[0] for row in self.db.execute(
+            "SELECT hwid FROM allowlist WHERE tenant = ? AND device = ? AND hwid != ?", (tenant, device, hwid))]
+        if replace:
+            return others
+        holders = [row[0] for row in self.db.execute(
+            "SELECT hwid FROM enrollments WHERE identity = ? AND state = ? AND hwid != ?",
+            (identity, ISSUED, hwid))]
+        if others or holders:
+            raise ProvisionError("%s is already %s hardware id %s: one identity is one board (the new "
+                                 "one's enrollment would retire the working board's certificate)"
+                                 % (identity, "allowlisted for" if others else "enrolled by",
+                                    (others or holders)[0]), "identity_taken")
+        row = self.db.execute("SELECT tenant, device FROM allowlist WHERE hwid = ?", (hwid,)).fetchone()
+        if row is not None and (row[0], row[1]) != (tenant, device):
+            raise ProvisionError("hardware id %s is allowlisted as %s/%s: moving it to %s is a board "
+                                 "swap" % (hwid, row[0], row[1], identity), "hwid_taken")
+        return others
 
     def approve(self, hwid, actor, reason):
         """An operator approves a pending enrollment (critical fleets)."""

@@ -225,11 +225,10 @@ def _conflicts(prov, rows, replace):
             return "%s is given for two hardware ids (%s and %s)" % (identity, identities[identity], hwid)
         hwids.add(hwid)
         identities[identity] = hwid
-        others = [h for h in prov.allowlisted_for(tenant, device) if h != hwid]
-        if others and not replace:
-            return ("%s is already allowlisted for hardware id %s (one identity is one board: the new "
-                    "one's enrollment would retire the working board's certificate); give --replace "
-                    "for a board swap" % (identity, others[0]))
+        try:
+            prov.check_allow(hwid, tenant, device, replace)
+        except CloudError as e:
+            return "%s; give --replace for a board swap" % e
     return None
 
 
