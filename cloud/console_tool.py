@@ -74,12 +74,14 @@ class Session:
         self.key = key
         self.role = None
         self.last_challenge = None
+        self.pending = b""       # bytes read ahead (an unprompted "end REASON") for the next reply
 
     def open(self):
         """Send the grant, answer the challenge; (role, technician, seconds)."""
         reset = getattr(self.port, "reset_input_buffer", None)
         if reset is not None:
             reset()             # boot messages, or the end of an earlier session
+        self.pending = b""
         lines = self.request("hello " + self.grant.hex())
         words = lines[-1].split()
         if len(words) != 3 or words[0] != "challenge":
@@ -97,7 +99,12 @@ class Session:
         return words[2], words[3], int(words[4])
 
     def run(self, command):
-        """Output lines of a command; Refused if the device refuses it."""
+        """Output lines of a command; Refused if the device refuses it, or
+        ended the session meanwhile (an "end REASON" waiting: the command is
+        then not sent, so the device does not count it as a failed attempt)."""
+        reason = self.ended()
+        if reason is not None:
+            raise Refused("the device ended the session: " + reason, reason)
         lines = self.request(command)
         return [line[2:] for line in lines if line.startswith("- ")]
 
@@ -135,9 +142,27 @@ class Session:
                 return lines
         raise ToolError("more than %d lines in one reply" % REPLY_LINES_MAX, "protocol")
 
-    def _readline(self):
+    def ended(self):
+        """The REASON of an "end REASON" the device sent since the last reply,
+        read without waiting (a port with in_waiting), else None."""
         try:
-            raw = self.port.readline()
+            waiting = getattr(self.port, "in_waiting", 0)
+            if waiting:
+                self.pending += self.port.read(waiting)
+        except (OSError, ValueError) as e:
+            raise PortError("cannot read from the port: %s" % e) from None
+        for raw in self.pending.split(b"\n")[:-1]:
+            words = raw.rstrip(b"\r").decode("ascii", "replace").split(" ", 2)
+            if words[0] == "end" and len(words) > 1:
+                return words[1]
+        return None
+
+    def _readline(self):
+        if b"\n" in self.pending:
+            raw, self.pending = self.pending.split(b"\n", 1)
+            return raw.rstrip(b"\r").decode("ascii", "replace")
+        try:
+            raw, self.pending = self.pending + self.port.readline(), b""
         except (OSError, ValueError) as e:     # pyserial's SerialException is an OSError
             raise PortError("cannot read from the port: %s" % e) from None
         if not raw.endswith(b"\n"):

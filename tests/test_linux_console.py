@@ -120,3 +120,47 @@ async def test_the_console_options_go_together_and_a_bad_port_is_one_line(cloud,
         assert rc == (2 if "together" in says else 1) and says in agent.err, agent.err
         assert "Traceback" not in agent.err
     await asyncio.sleep(0)
+
+
+async def test_a_revocation_pushed_by_the_cloud_ends_the_session_and_the_tool_says_so(cloud, tmp_path):
+    """The grant revoked at the cloud while its session is open: the list is
+    pushed to the agent over its connection, the session ends at once ("end
+    revoked" on the line), and the tool says so at the next command without
+    sending it, so the device counts no failed attempt."""
+    import serial
+    from cloud.console_tool import Refused, Session, gid_of
+    data = tmp_path / "board"
+    rc, out, err = await enroll(cloud, data, "hw-1")
+    assert rc == 0, out + err
+    desk = SupportDesk(cloud.data_dir)
+    support_pub = tmp_path / "support.pub"
+    support_pub.write_bytes(desk.public_key)
+    agent = await Agent(cloud, data, "--console", "pty", "--support-key", str(support_pub)).start()
+    try:
+        assert await wait_until(lambda: "console on /dev/" in agent.err, 20), agent.err
+        assert await wait_until(lambda: "connected to" in agent.err, 30), agent.err
+        port_path = re.search(r"console on (/dev/\S+)", agent.err).group(1)
+        grant_path, key_path = technician(tmp_path, desk, "technician", "dora")
+        grant = open(grant_path, "rb").read()
+        key = firmware.load_private_key(key_path)
+        port = serial.Serial(port_path, 115200, timeout=20)
+        try:
+            s = await asyncio.to_thread(lambda: Session(port, grant, key))
+            assert (await asyncio.to_thread(s.open))[0] == "technician"
+            assert (await asyncio.to_thread(s.run, "status"))[0] == "device %s" % IDENTITY
+            desk.revoke(gid_of(grant).hex(), "lead-bob", "left the site")
+            assert await wait_until(lambda: port.in_waiting > 0, 30), agent.err     # "end revoked"
+            try:
+                await asyncio.to_thread(s.run, "status")
+                raise AssertionError("the ended session ran a command")
+            except Refused as e:
+                assert e.code == "revoked"
+        finally:
+            port.close()
+    finally:
+        await agent.stop()
+        desk.close()
+    records = auditlog.records((data / "console" / "audit.log").read_bytes())
+    kinds = [r[3] for r in records]
+    assert "revocations" in kinds and kinds[-1] == "session_close" and records[-1][4]["reason"] == "revoked"
+    assert not [r for r in records if r[3] == "auth_fail"]          # the tool sent nothing after the end
