@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from agent import enroll
 from agent.actions import Log, Publish, UseIdentity
 from agent.errors import LocalError
-from agent.events import ConnectionLost, Tick
+from agent.events import ConnectionLost, Refused, Tick
 from board.claim_link import ClaimLink
 from board.enroller import claim_context
 from board.esp32_net import open_tls
@@ -78,6 +78,7 @@ class LinuxIdentity:
         self.recover_at_ms = 0     # without recovery: when to say the claim endpoint is needed again
         self.cert_written = None   # the active certificate identity.crt holds
         self.claim = None          # board/claim_link.py ClaimLink while the core is on the claim endpoint
+        self.last_refusal = None   # what the broker last said of the certificate (a Refused's reason)
         # The claim certificate's TLS context, made now: a key that does not
         # load fails the start, not a recovery months later.
         self.claim_ctx = None if recovery is None else claim_context(recovery.endpoints["cafile"],
@@ -112,6 +113,8 @@ class LinuxIdentity:
             # Link events of LinuxAgent's connection are not the claim
             # endpoint's: only Tick, which also turns the claim link.
             return self._claim_tick(event) if isinstance(event, Tick) else []
+        if isinstance(event, Refused):
+            self.last_refusal = event.reason
         return self._run(lambda: self.core.handle(event), type(event).__name__)
 
     def _run(self, step, what):
@@ -176,11 +179,13 @@ class LinuxIdentity:
         if self.claim is None:
             if event.now_ms >= self.recover_at_ms:
                 self.recover_at_ms = event.now_ms + RECOVER_RETRY_S * 1000
-                self.log.error("the certificate must be recovered through the claim endpoint (%s), and "
-                               "run was not given --prov-url, --claim-cert, --claim-key and --hwid: "
-                               "telemetry goes on with the certificate in force; run `tether agent "
-                               "enroll` (it recovers) or restart with those options",
-                               self.core.last_reason or "refused or expired")
+                self.log.error("the broker refused this certificate (last: %s): if it expired it must be "
+                               "recovered through the claim endpoint, and run was not given --prov-url, "
+                               "--claim-cert, --claim-key and --hwid; `tether agent enroll` recovers it, "
+                               "or restart with those options. Other refusals pass or need the operator "
+                               "(a clone lockout lasts a minute; a revoked device stays refused). "
+                               "Telemetry goes on with the certificate in force",
+                               self.last_refusal or self.core.last_reason or "refused or expired")
             return self._run(lambda: self.core.handle(event), "Tick")
         out = self._run(lambda: self.core.handle(event), "Tick")
         for link_event in self.claim.poll() if self.claim is not None else ():

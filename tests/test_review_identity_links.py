@@ -573,3 +573,32 @@ def test_linux_link_events_do_not_reach_a_core_on_the_claim_endpoint_and_the_swi
     assert [type(a).__name__ for a in out] == ["UseIdentity"] and out[0].cert == NEW
     assert driver.core.state == enroll.PROVING and not driver.core.online
     assert driver.claim is None and not claim.live
+
+
+# ---- a broker that keeps refusing a certificate that has not expired ----------------------
+
+def test_linux_without_recovery_options_says_what_the_broker_refused(tmp_path, caplog):
+    """Three CONNACK refusals (a clone lockout, a revocation) start a recovery
+    in the core; without the claim options LinuxIdentity said only that the
+    certificate 'must be recovered'. It names the refusal now, and that other
+    refusals pass or need the operator (a second walkthrough)."""
+    import logging
+    clock = Clock()
+    keys = LinuxKeys()
+    keys.generate("id0")
+    flash = SimFlash()
+    now = clock.now_ms()
+    flash.write_atomic(enroll.RECORD_FILE, enroll.encode_record({
+        "v": 1, "a": {"k": "id0", "cert": OLD, "id": "acme/pi-1", "iss": now - 1000, "exp": now + 3_600_000},
+        "c": None, "u": None, "t": now, "off": 0}))
+    core = enroll.Identity(enroll.Config(HWID, LINUX_CLAIM, {}), random.Random(3))
+    driver = LinuxIdentity(core, flash, keys, "ca.pem", clock, logger=logging.getLogger("tether.identity"))
+    driver.boot()
+    with caplog.at_level(logging.ERROR, logger="tether.identity"):
+        for _ in range(3):
+            clock.t += 10
+            driver.handle(Refused(clock.now_ms(), "not_authorized"))
+        clock.t += 10
+        driver.handle(Tick(clock.now_ms()))
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert said and "last: not_authorized" in said[0] and "clone lockout" in said[0], said
