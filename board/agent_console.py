@@ -89,9 +89,10 @@ class AgentCommands:
 
 
 class AuditLink:
-    """agent/audit_upload.py's Uploader over the agent's own link
-    (Esp32Agent calls online(link), offline(), on_message(payload) for
-    down_topic, and step() each pass): the console's audit log up, the
+    """agent/audit_upload.py's Uploader over the agent's own connection
+    (the agent calls online(publish) with publish(topic, payload) at QoS 1,
+    offline(), on_message(payload) for down_topic, and step(time_s) each
+    pass; board/linux_console.py adapts it to paho): the console's audit log up, the
     cloud's revocation lists, checkpoints and time down. What the uploader
     hands the console's side is run by its port (a reply reaches the UART).
     The log is read from flash only when there is something to do, and at
@@ -104,16 +105,16 @@ class AuditLink:
         self.log = log
         self.uploader = audit_upload.Uploader(port.console, identity, storage.read(audit_upload.CURSOR_FILE))
         self.down_topic = self.uploader.down
-        self.link = None
+        self.publish = None       # publish(topic, payload) while online
         self.inbox = []
         self.polled_ms = None
 
-    def online(self, link):
-        self.link = link
+    def online(self, publish):
+        self.publish = publish
         self._feed(audit_upload.Online(self.ticks_ms()))
 
     def offline(self):
-        self.link = None
+        self.publish = None
         self.inbox = []
         self._feed(audit_upload.Offline(self.ticks_ms()))
 
@@ -141,8 +142,8 @@ class AuditLink:
         rest = []
         for action in self.uploader.feed(event):
             if isinstance(action, Publish):
-                if self.link is not None:
-                    self.link.publish(action.topic, action.payload, None)
+                if self.publish is not None:
+                    self.publish(action.topic, action.payload)
             elif isinstance(action, Log):
                 self.log("audit upload %s: %s" % (action.code, action.detail))
             else:

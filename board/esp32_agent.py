@@ -99,6 +99,9 @@ class Esp32Agent:
         if self.console is not None:
             self.console.poll(0)      # a stepped signature check goes on over the passes
 
+    def _publish_untracked(self, topic, payload):
+        self.link.publish(topic, payload, None)     # no token: no telemetry ack follows
+
     def _link_event(self, what):
         kind, now = what[0], self.clock.now_ms()
         if kind == "up":
@@ -107,7 +110,7 @@ class Esp32Agent:
             if self.ota is not None:
                 self.ota.connected()
             if self.audit is not None:
-                self.audit.online(self.link)
+                self.audit.online(self._publish_untracked)
         elif kind == "message":
             if self.ota is not None and what[1] == self.ota.down_topic:
                 self.ota.on_message(what[2])

@@ -37,10 +37,8 @@ import os
 import time
 import tty
 
-from agent import audit_upload
-from agent import console as core
-from agent.actions import Log, Publish
 from agent.events import RotateNow
+from board.agent_console import AuditLink as PortableAuditLink
 from board.console_port import ConsolePort, DeviceCommands, PtyStream, boot_console
 from board.linux import FileStorage
 
@@ -50,7 +48,6 @@ LINE_CHARS = 160
 BAUD = 115200
 WRITE_TIMEOUT_S = 0.5       # a serial write the other end takes no more of: dropped after this
 REOPEN_S = 10               # a console port that failed: tried again this often
-POLL_MS = 1000              # the audit uploader's Poll, at most this often when nothing came
 
 UNSUPPORTED = {
     "rollback": "a rollback is the updater's: a trial that fails rolls back by itself",
@@ -279,62 +276,30 @@ class LinuxConsole:
 
 
 class AuditLink:
-    """agent/audit_upload.py's Uploader over LinuxAgent's connection (its
-    `audit` driver): LinuxAgent calls connected(client), lost(),
-    on_message(payload) for down_topic, and step() once per pass. The
-    uploader's publishes go out at QoS 1; what it hands the console's side
-    (audit records, persisted state, a session the revocation ends) is run
-    by the console's port, so a reply reaches the serial line."""
+    """board/agent_console.py's AuditLink (agent/audit_upload.py's Uploader)
+    over LinuxAgent's paho connection, as LinuxAgent calls its `audit`
+    driver: connected(client), lost(), on_message(payload) for down_topic,
+    step() once per pass. Publishes go out at QoS 1; what the uploader hands
+    the console's side (audit records, persisted state, a session a
+    revocation ends) is run by the console's port, so a reply reaches the
+    serial line."""
 
     def __init__(self, linux_console, identity, clock, logger=None):
-        self.console = linux_console
+        log = logger or logging.getLogger("tether.console")
+        self.link = PortableAuditLink(linux_console.port, linux_console.storage, identity, clock.ticks_ms,
+                                      log.info)
+        self.down_topic = self.link.down_topic
         self.clock = clock
-        self.log = logger or logging.getLogger("tether.console")
-        self.uploader = audit_upload.Uploader(linux_console.console, identity,
-                                              linux_console.storage.read(audit_upload.CURSOR_FILE))
-        self.down_topic = self.uploader.down
-        self.client = None
-        self.inbox = []
-        self.polled_ms = -POLL_MS
 
     def connected(self, client):
-        self.client = client
         client.subscribe(self.down_topic, qos=1)       # before the hello: a broker keeps the order
-        self._feed(audit_upload.Online(self.clock.ticks_ms()))
+        self.link.online(lambda topic, payload: client.publish(topic, payload, qos=1))
 
     def lost(self):
-        self.client = None
-        self.inbox = []
-        self._feed(audit_upload.Offline(self.clock.ticks_ms()))
+        self.link.offline()
 
     def on_message(self, payload):
-        self.inbox.append(bytes(payload))
+        self.link.on_message(payload)
 
     def step(self):
-        """The cloud's messages, then a Poll (at most every POLL_MS unless a
-        message came: it reads the log from disk)."""
-        now = self.clock.ticks_ms()
-        if not self.inbox and now - self.polled_ms < POLL_MS:
-            return
-        while self.inbox:
-            self._feed(audit_upload.Received(self.inbox.pop(0), self._log(), now, self._time_s()))
-        self.polled_ms = now
-        self._feed(audit_upload.Poll(self._log(), now, self._time_s()))
-
-    def _log(self):
-        return self.console.storage.read(core.AUDIT_FILE) or b""
-
-    def _time_s(self):
-        return self.clock.now_ms() // 1000
-
-    def _feed(self, event):
-        rest = []
-        for action in self.uploader.feed(event):
-            if isinstance(action, Publish):
-                if self.client is not None:
-                    self.client.publish(action.topic, action.payload, qos=1)
-            elif isinstance(action, Log):
-                self.log.info("audit upload %s: %s", action.code, action.detail)
-            else:
-                rest.append(action)
-        self.console.port.run(rest)
+        self.link.step(self.clock.now_ms() // 1000)

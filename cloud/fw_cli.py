@@ -9,7 +9,6 @@ printed), 2 usage or an input the tool cannot use.
 """
 
 import argparse
-import ast
 import hashlib
 import json
 import math
@@ -207,24 +206,6 @@ def _write(path, data):
         raise FirmwareError("cannot write %s: %s" % (path, e.strerror or e)) from None
 
 
-def _public_key(path):
-    """firmware.load_public_key (which refuses a private key where a public one belongs)."""
-    return firmware.load_public_key(path)
-
-
-_BYTES_REPR = re.compile(r"(?<![\w'\"])(?:b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*")')
-
-
-def _hex_bytes(message):
-    """message with every Python bytes literal (b'x\\xdd...') written as hex."""
-    def as_hex(match):
-        try:
-            return ast.literal_eval(match.group(0)).hex()
-        except (ValueError, SyntaxError):
-            return match.group(0)
-    return _BYTES_REPR.sub(as_hex, message)
-
-
 # ---------------------------------------------------------------- commands
 
 def main(args):
@@ -235,7 +216,7 @@ def main(args):
     try:
         return command(args)
     except FirmwareError as e:
-        print("tether fw %s: %s" % (args.fw_command, _hex_bytes(e.message)), file=sys.stderr)
+        print("tether fw %s: %s" % (args.fw_command, e.message), file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:                # a file the commands above did not wrap: one line, not a traceback
         where = " %s" % e.filename if e.filename else ""
@@ -256,7 +237,7 @@ def keygen(args):
 
 def keyset(args):
     root = firmware.load_private_key(args.root)
-    releases = [_public_key(path) for path in args.release]
+    releases = [firmware.load_public_key(path) for path in args.release]
     revoked = [_kid(text) for text in args.revoke]
     message = firmware.make_keyset(root, releases, args.version, revoked)
     _write(args.out, message)
@@ -271,7 +252,7 @@ def _kid(text):
             return bytes.fromhex(text)
         except ValueError:
             pass
-    return mf.fingerprint(_public_key(text))
+    return mf.fingerprint(firmware.load_public_key(text))
 
 
 def build(args):
@@ -368,7 +349,7 @@ def _check_manifest(path, data):
 
 def verify(args):
     bundle = firmware.read_file(args.bundle, "bundle")
-    root = _public_key(args.root)
+    root = firmware.load_public_key(args.root)
     now_s = args.now if args.now is not None else int(time.time())
     if not 1 <= args.k <= mf.SIGNERS_MAX:
         raise FirmwareError("--k must be 1..%d" % mf.SIGNERS_MAX)
@@ -376,7 +357,7 @@ def verify(args):
         m = firmware.verify_bundle(bundle, args.payload, root, args.k, args.hw_class,
                                    args.security_version, now_s, args.keyset_version_seen)
     except RemoteError as e:
-        message = _hex_bytes(e.message)
+        message = e.message
         if e.code == "keyset_signature" and "unknown kid" in message:
             message += "; the key set is not signed by the root given (--root %s has kid %s)" % (
                 args.root, mf.fingerprint(root).hex())
@@ -398,7 +379,7 @@ def inspect(args):
     try:
         info = firmware.describe(data)
     except RemoteError as e:
-        print("malformed: %s: %s" % (e.code, _hex_bytes(e.message)))
+        print("malformed: %s: %s" % (e.code, e.message))
         return EXIT_REFUSED
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))

@@ -149,7 +149,7 @@ agent = Esp32Agent("acme", "esp-m", flash, clock, Rng(), lambda: None, log=lambd
 agent.boot()
 port = agent_console.attach(agent, stream, None, {}, flash, random_bytes=lambda n: bytes(n))
 link = Link()
-agent.audit.online(link)
+agent.audit.online(lambda topic, payload: link.publish(topic, payload, None))
 print("hello", len(link.sent), link.sent[0][0])
 '''
 
